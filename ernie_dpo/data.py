@@ -1,0 +1,250 @@
+"""The data half of the recipe: ShareGPT DPO -> ERNIE DPO jsonl -> test set and training set.
+
+Everything here is pure Python on plain dicts so tests can call it directly.
+
+ShareGPT DPO record (LLaMA-Factory's DPO-En-Zh-20k layout):
+    {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...],
+     "chosen": {"from": "gpt", "value": str}, "rejected": {"from": "gpt", "value": str},
+     "system": str (optional)}
+ERNIE DPO record (what ERNIEKit / PaddleFormers read as the `erniekit` data type):
+    {"id": str, "system": str (only if there is one), "src": [user turns], "tgt": [assistant turns before the last
+     user turn], "response": [[chosen], [rejected]], "sort": [1, 0]}
+"""
+import hashlib
+import json
+import random
+
+USER_ROLES = {"human", "user"}
+ASSISTANT_ROLES = {"gpt", "assistant", "bot"}
+SYSTEM_ROLES = {"system"}
+
+
+class DataError(ValueError):
+    """The input as a whole is unusable (not JSON, not a list, a record that is not an object)."""
+
+
+class Invalid(Exception):
+    """One record is unusable; `reason` is the short key it is counted under in metrics and rejects."""
+
+    def __init__(self, reason, detail):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------- reading ShareGPT
+
+
+def load_sharegpt(path):
+    """The raw file as a list of records. Whole-file problems raise DataError naming the file and the reason."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 (bad byte at offset {e.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, got a JSON {type(data).__name__}")
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}: record {i} is a JSON {type(rec).__name__}, expected an object")
+    return data
+
+
+def _text(value, what):
+    """A message's text: a plain string, or a {"from"/"role", "value"/"content"} object."""
+    if isinstance(value, dict):
+        value = value.get("value", value.get("content"))
+    if not isinstance(value, str):
+        raise Invalid("wrong_type", f"{what} must be a string or a message object, got {type(value).__name__}")
+    return value
+
+
+def convert_record(rec):
+    """One ShareGPT DPO record -> (ERNIE DPO record without id). Raises Invalid with a reason key."""
+    for field in ("conversations", "chosen", "rejected"):
+        if field not in rec:
+            raise Invalid("missing_field", f"no '{field}'")
+    convs = rec["conversations"]
+    if not isinstance(convs, list) or not convs:
+        raise Invalid("wrong_type", "'conversations' must be a non-empty list")
+
+    system = rec.get("system", "")
+    if not isinstance(system, str):
+        raise Invalid("wrong_type", "'system' must be a string")
+    src, tgt = [], []
+    for j, turn in enumerate(convs):
+        if not isinstance(turn, dict):
+            raise Invalid("wrong_type", f"conversations[{j}] is a {type(turn).__name__}, expected an object")
+        role = turn.get("from", turn.get("role"))
+        text = _text(turn, f"conversations[{j}]")
+        if role in SYSTEM_ROLES:
+            if j != 0:
+                raise Invalid("misplaced_system", f"system turn at position {j}; only the first turn may be system")
+            system = text
+            continue
+        if not text.strip():
+            raise Invalid("empty_turn", f"conversations[{j}] is empty")
+        if role in USER_ROLES:
+            if len(src) != len(tgt):
+                raise Invalid("bad_turn_order", f"conversations[{j}]: two user turns in a row")
+            src.append(text)
+        elif role in ASSISTANT_ROLES:
+            if len(src) != len(tgt) + 1:
+                raise Invalid("bad_turn_order", f"conversations[{j}]: assistant turn without a user turn before it")
+            tgt.append(text)
+        else:
+            raise Invalid("unknown_role", f"conversations[{j}] has role {role!r}")
+    if not src:
+        raise Invalid("no_user_turn", "the conversation has no user turn")
+    if len(src) != len(tgt) + 1:
+        raise Invalid("last_turn_not_user", "the conversation ends with an assistant turn, so there is nothing to answer")
+
+    chosen = _text(rec["chosen"], "chosen")
+    rejected = _text(rec["rejected"], "rejected")
+    if not chosen.strip():
+        raise Invalid("empty_chosen", "chosen answer is empty or whitespace")
+    if not rejected.strip():
+        raise Invalid("empty_rejected", "rejected answer is empty or whitespace")
+    if chosen == rejected:
+        raise Invalid("identical_pair", "chosen and rejected are the same text")
+
+    out = {}
+    if system.strip():
+        out["system"] = system
+    out.update({"src": src, "tgt": tgt, "response": [[chosen], [rejected]], "sort": [1, 0]})
+    return out
+
+
+def record_id(ernie_rec):
+    """A stable id: a hash of the record's content, so it survives reordering or appending to the raw file."""
+    blob = json.dumps(ernie_rec, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    return hashlib.sha1(blob).hexdigest()[:12]
+
+
+def prepare_records(raw_records):
+    """Convert every record. Returns (kept, rejects, counts): nothing is dropped without a reason.
+
+    kept: ERNIE DPO records with "id" first. rejects: {"index", "reason", "detail", "record"}.
+    counts: {"read", "kept", "dropped": {reason: n}} with read == kept + sum(dropped).
+    """
+    kept, rejects, seen = [], [], set()
+    for i, rec in enumerate(raw_records):
+        try:
+            out = convert_record(rec)
+            rid = record_id(out)
+            if rid in seen:
+                raise Invalid("duplicate", f"same content as an earlier record (id {rid})")
+        except Invalid as e:
+            rejects.append({"index": i, "reason": e.reason, "detail": e.detail, "record": rec})
+            continue
+        seen.add(rid)
+        kept.append({"id": rid, **out})
+    dropped = {}
+    for r in rejects:
+        dropped[r["reason"]] = dropped.get(r["reason"], 0) + 1
+    counts = {"read": len(raw_records), "kept": len(kept), "dropped": dict(sorted(dropped.items()))}
+    assert counts["read"] == counts["kept"] + sum(dropped.values())
+    return kept, rejects, counts
+
+
+# ---------------------------------------------------------------- lengths
+
+
+def chosen_text(rec):
+    return rec["response"][0][0]
+
+
+def rejected_text(rec):
+    return rec["response"][1][0]
+
+
+def passes_ratio(rec, min_ratio):
+    """len(rejected) >= min_ratio * len(chosen), on STRING lengths.
+
+    The original recipe took len() of the one-element list rec["response"][1], which is always 1, so its
+    filter never did what it said. Here the texts themselves are measured.
+    """
+    return len(rejected_text(rec)) >= min_ratio * len(chosen_text(rec))
+
+
+def near_length(rec, reference_mean, tolerance):
+    """|len(rejected) - reference| < tolerance * reference: a rejected answer about as long as the baseline's."""
+    return abs(len(rejected_text(rec)) - reference_mean) < tolerance * reference_mean
+
+
+# ---------------------------------------------------------------- test set
+
+
+def prompt_key(rec):
+    """What makes two records 'the same prompt': the conversation up to the last user turn (system excluded).
+
+    Used to keep test prompts out of training even when the raw data holds the same prompt under another record.
+    """
+    blob = json.dumps([rec["src"], rec["tgt"]], ensure_ascii=False)
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()
+
+
+def to_messages(rec, keep_system):
+    """ERNIE DPO record -> OpenAI chat messages ending with the user turn to answer."""
+    msgs = []
+    if keep_system and rec.get("system"):
+        msgs.append({"role": "system", "content": rec["system"]})
+    for k, user in enumerate(rec["src"]):
+        msgs.append({"role": "user", "content": user})
+        if k < len(rec["tgt"]):
+            msgs.append({"role": "assistant", "content": rec["tgt"][k]})
+    return msgs
+
+
+def make_testset(records, size, seed, keep_system):
+    """`size` records sampled with `seed`, as {"id", "messages"}. Order follows the sample, so it is reproducible."""
+    if size > len(records):
+        raise DataError(f"testset.size is {size} but the prepared data has only {len(records)} records")
+    if size <= 0:
+        raise DataError(f"testset.size must be positive, got {size}")
+    picked = random.Random(seed).sample(records, size)
+    return [{"id": r["id"], "messages": to_messages(r, keep_system)} for r in picked]
+
+
+# ---------------------------------------------------------------- training set
+
+
+def training_pool(records, test_ids, test_prompt_keys):
+    """Records whose id AND prompt are not in the test set."""
+    return [r for r in records if r["id"] not in test_ids and prompt_key(r) not in test_prompt_keys]
+
+
+def select_pairs(pool, strategy, min_ratio, baseline_mean=None, tolerance=None):
+    """Filter the pool by the recipe's strategies.
+
+    ratio:          len(rejected) >= min_ratio * len(chosen)
+    near_baseline:  the ratio rule AND rejected within tolerance of the baseline's mean reply length
+    """
+    if strategy == "ratio":
+        return [r for r in pool if passes_ratio(r, min_ratio)]
+    if strategy == "near_baseline":
+        if baseline_mean is None or baseline_mean <= 0:
+            raise DataError(f"near_baseline needs a positive baseline mean reply length, got {baseline_mean}")
+        return [r for r in pool if passes_ratio(r, min_ratio) and near_length(r, baseline_mean, tolerance)]
+    raise DataError(f"trainset.strategy must be 'ratio' or 'near_baseline', got {strategy!r}")
+
+
+def sample_down(pairs, size, seed):
+    """size == 0 keeps everything; otherwise `size` pairs drawn with `seed` (an error if there are fewer)."""
+    if size == 0:
+        return list(pairs)
+    if size > len(pairs):
+        raise DataError(
+            f"trainset.size is {size} but only {len(pairs)} pairs pass the filter; lower trainset.size or loosen "
+            "the filter (trainset.size: 0 keeps all)"
+        )
+    keep = sorted(random.Random(seed).sample(range(len(pairs)), size))
+    return [pairs[i] for i in keep]  # file order kept, so a diff of two variants stays readable

@@ -1,0 +1,222 @@
+"""Everything PaddleFormers-specific lives here: engine YAML, CPU/GPU settings, how it is launched, log parsing.
+
+Stages pass plain parameters; they never build engine YAML themselves. A run's YAML is written next to its log, so
+`paddleformers-cli train <that yaml>` (GPU) or `python -m ernie_dpo.engine train <that yaml>` (CPU) reruns it by hand.
+
+Why not `paddleformers-cli` everywhere: the CLI always relaunches itself through `paddle.distributed.launch --gpus
+<GPUs found by GPUtil>`; with no GPU that list is empty and the launch fails. On a CPU we therefore run the engine's
+own launcher module in one process (this file's __main__), exactly the function the CLI would start on each device.
+"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+# Settings that make PaddleFormers run on a CPU (see README, "How the engine runs on a CPU").
+CPU_SETTINGS = {
+    "device": "cpu",
+    "compute_type": "float32",  # "fp32" is rejected; bf16/fp16 need a GPU
+    "amp_master_grad": False,  # otherwise a ConfigConflict error when amp is off
+    "_attn_implementation": "eager",  # the default flashmask kernel is GPU-only
+}
+GPU_SETTINGS = {
+    "device": "gpu",
+    "compute_type": "bf16",
+    "amp_master_grad": True,
+    "_attn_implementation": "flashmask",
+}
+
+
+def device_settings(device):
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"engine.device must be 'cpu' or 'gpu', got {device!r}")
+    return dict(CPU_SETTINGS if device == "cpu" else GPU_SETTINGS)
+
+
+def _common(model, data_path, out_dir, device, seed, max_seq_len, max_steps, warmup_steps, learning_rate,
+            global_batch_size, save_steps):
+    """Keys every training run shares. per_device batch = global batch (one device, no accumulation) as in the recipe."""
+    cfg = {
+        "model_name_or_path": str(model),
+        "train_dataset_type": "erniekit",
+        "train_dataset_path": str(data_path),
+        "train_dataset_prob": "1.0",
+        "max_seq_len": int(max_seq_len),
+        "max_steps": int(max_steps),
+        "warmup_steps": int(warmup_steps),
+        "learning_rate": float(learning_rate),
+        "lr_scheduler_type": "cosine",
+        "per_device_train_batch_size": int(global_batch_size),
+        "global_batch_size": int(global_batch_size),
+        "gradient_accumulation_steps": 1,
+        "logging_steps": 1,
+        "do_train": True,
+        "do_eval": False,
+        "output_dir": str(out_dir),
+        "logging_dir": str(Path(out_dir) / "visualdl_logs"),
+        "disable_tqdm": True,  # our stage shows one progress bar parsed from the log instead
+        "seed": int(seed),
+    }
+    if save_steps and int(save_steps) > 0:
+        cfg.update({"save_strategy": "steps", "save_steps": int(save_steps), "save_total_limit": 1})
+    else:
+        cfg["save_strategy"] = "no"
+    cfg.update(device_settings(device))
+    return cfg
+
+
+def sft_config(model, data_path, out_dir, device, seed, max_seq_len, max_steps, learning_rate, global_batch_size):
+    """Full-parameter SFT: the tiny model's warm-up."""
+    cfg = _common(model, data_path, out_dir, device, seed, max_seq_len, max_steps, max(1, max_steps // 10),
+                  learning_rate, global_batch_size, save_steps=0)
+    cfg.update({"stage": "SFT", "fine_tuning": "full"})
+    return cfg
+
+
+def dpo_config(model, data_path, out_dir, device, p):
+    """DPO with the train.* params `p` (max_steps, warmup_steps, global_batch_size, learning_rate, fine_tuning,
+    loss_type, beta, lora_rank, lora_alpha, seed, max_seq_len, max_prompt_len, save_steps)."""
+    if p["fine_tuning"] not in ("lora", "full"):
+        raise ValueError(f"train.fine_tuning must be 'lora' or 'full', got {p['fine_tuning']!r}")
+    cfg = _common(model, data_path, out_dir, device, p["seed"], p["max_seq_len"], p["max_steps"], p["warmup_steps"],
+                  p["learning_rate"], p["global_batch_size"], p.get("save_steps", 0))
+    cfg.update({
+        "stage": "DPO",
+        "max_prompt_len": int(p["max_prompt_len"]),
+        "loss_type": p["loss_type"],
+        "beta": float(p["beta"]),
+    })
+    if p["fine_tuning"] == "lora":
+        cfg.update({"fine_tuning": "LoRA", "lora": True, "lora_rank": int(p["lora_rank"]),
+                    "lora_alpha": int(p["lora_alpha"])})
+    else:
+        cfg["fine_tuning"] = "full"
+    return cfg
+
+
+def merge_lora(base_dir, adapter_dir, out_dir, device):
+    """Fold a LoRA adapter into the base weights and save a plain model (+ the base's tokenizer) to out_dir.
+
+    Why not `paddleformers-cli export`: in PaddleFormers 1.2.0 its LoRA merge computes W + A@B correctly in Paddle's
+    [in, out] layout, but the transpose back to the Hugging Face layout it saves is written as a reshape (the numpy
+    view's strides are lost), so every linear weight of the exported model is scrambled and the model emits
+    gibberish (measured on the tiny model: merged - base differed by up to 0.37 where the LoRA delta is <= 0.02;
+    the saved tensor equals reshape(W_paddle + delta)). Here the engine's own LoRAModel applies the adapter
+    (LoRAModel.from_pretrained), merges it in place (merge()), and the plain model is saved by save_pretrained,
+    the same writer the training stage uses. tests/test_model.py checks merged logits == adapter logits.
+    """
+    import paddle
+    from paddleformers.peft import LoRAModel
+    from paddleformers.transformers import AutoModelForCausalLM, AutoTokenizer
+
+    paddle.set_device(device)
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    lora = LoRAModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype), str(adapter_dir))
+    lora.merge()
+    merged = {k: v for k, v in lora.model.state_dict().items() if ".lora_" not in k}
+    plain = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+    missing, unexpected = plain.set_state_dict(merged)
+    if missing or unexpected:
+        raise RuntimeError(f"LoRA merge: weights missing {missing} / unexpected {unexpected}")
+    plain.save_pretrained(str(out_dir))
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(out_dir))
+
+
+def write_config(cfg, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def launch_command(command, cfg_path, device, devices="0"):
+    """The argument list that runs `command` (train | export) on `cfg_path`.
+
+    gpu: PaddlePaddle's distributed launcher, as paddleformers-cli builds it (one process per listed device).
+    cpu: one process running this module, which starts the engine's launcher in-process.
+    """
+    if device == "gpu":
+        from paddleformers.cli import launcher
+
+        return [sys.executable, "-m", "paddle.distributed.launch", "--log_dir", str(Path(cfg_path).parent / "dist_log"),
+                "--gpus", str(devices), "--run_mode=collective", launcher.__file__, command, str(cfg_path)]
+    return [sys.executable, "-m", "ernie_dpo.engine", command, str(cfg_path)]
+
+
+# One logged training step, e.g. "loss: 0.6931, learning_rate: 1e-05, global_step: 3, rewards/chosen: 0.01, ..."
+_STEP = re.compile(r"(?:^|[\s,])(loss|learning_rate|global_step|rewards/\w+|logps/\w+|train_\w+|"
+                   r"interval_tokens_per_second_per_device): ?(-?[0-9.]+(?:e[-+]?\d+)?)")
+
+
+def parse_log_line(line):
+    """A dict of the numbers on a PaddleFormers step line, or None if the line is not a step log."""
+    if "global_step" not in line:
+        return None
+    found = {k: float(v) for k, v in _STEP.findall(line)}
+    if "global_step" not in found or ("loss" not in found and "train_loss" not in found):
+        return None
+    found["global_step"] = int(found["global_step"])
+    return found
+
+
+def run(cmd, log_path, on_step=None, env=None):
+    """Run the engine, tee its output to `log_path`, call on_step(dict) for each logged step. Raises on failure."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    full_env = dict(os.environ, **(env or {}))
+    # The engine must import this project (for the CPU launcher) from wherever the stage runs.
+    root = str(Path(__file__).resolve().parents[1])
+    full_env["PYTHONPATH"] = root + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    with open(log_path, "a", encoding="utf-8") as log, subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, bufsize=1
+    ) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            step = parse_log_line(line)
+            if step is not None and on_step is not None:
+                on_step(step)
+        rc = proc.wait()
+    if rc != 0:
+        tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(True)[-25:])
+        raise RuntimeError(f"engine command failed (exit {rc}): {' '.join(cmd)}\n--- last lines of {log_path} ---\n{tail}")
+
+
+def final_metrics(out_dir):
+    """train_results.json written by the engine at the end of training (train_loss, train_runtime, ...)."""
+    path = Path(out_dir) / "train_results.json"
+    return yaml.safe_load(path.read_text()) if path.exists() else {}
+
+
+def _single_process_cpu_main(argv):
+    """Start the engine's launcher in this process (the CPU path of launch_command).
+
+    Full-parameter DPO wraps the model with fleet.distributed_model(), which raises AttributeError
+    ('Fleet' object has no attribute '_user_defined_strategy') when fleet was never initialised, as in a single
+    CPU process. Only there, and only for that error, the model is used unwrapped: with one process there is
+    nothing to distribute. LoRA DPO and SFT never reach this path.
+    """
+    from paddle.distributed import fleet
+
+    original = fleet.distributed_model
+
+    def distributed_model_or_self(model):
+        try:
+            return original(model)
+        except AttributeError as e:
+            if "_user_defined_strategy" not in str(e):
+                raise
+            return model
+
+    fleet.distributed_model = distributed_model_or_self
+    from paddleformers.cli.launcher import launch
+
+    sys.argv = ["launcher"] + argv
+    launch()
+
+
+if __name__ == "__main__":
+    _single_process_cpu_main(sys.argv[1:])

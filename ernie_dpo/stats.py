@@ -1,0 +1,49 @@
+"""Length statistics and a bootstrap for 'tuned minus baseline'. numpy only."""
+import numpy as np
+
+
+def describe(lengths, prefix):
+    """count / mean / median / p90 / min / max of a list of lengths, keys prefixed (e.g. 'chosen_len_')."""
+    a = np.asarray(lengths, dtype=float)
+    if a.size == 0:
+        raise ValueError(f"no values to describe for {prefix!r}")
+    return {
+        f"{prefix}count": int(a.size),
+        f"{prefix}mean": round(float(a.mean()), 2),
+        f"{prefix}median": round(float(np.median(a)), 2),
+        f"{prefix}p90": round(float(np.percentile(a, 90)), 2),
+        f"{prefix}min": int(a.min()),
+        f"{prefix}max": int(a.max()),
+    }
+
+
+def bootstrap_delta(baseline, tuned, stat, n_resamples, seed):
+    """95% percentile bootstrap interval for stat(tuned) - stat(baseline).
+
+    The two samples are resampled independently (they answer the same prompts, but sampling makes each reply
+    a random draw, and pairing by prompt would also be valid; independent resampling is the conservative choice).
+    """
+    rng = np.random.default_rng(seed)
+    b = np.asarray(baseline, dtype=float)
+    t = np.asarray(tuned, dtype=float)
+    fn = {"mean": np.mean, "median": np.median}[stat]
+    bi = rng.integers(0, b.size, size=(n_resamples, b.size))
+    ti = rng.integers(0, t.size, size=(n_resamples, t.size))
+    deltas = fn(t[ti], axis=1) - fn(b[bi], axis=1)
+    lo, hi = np.percentile(deltas, [2.5, 97.5])
+    return float(fn(t) - fn(b)), float(lo), float(hi)
+
+
+def reply_metrics(replies, max_dec_len):
+    """The recipe's numbers for one model's replies: character lengths (what the recipe reports), token lengths,
+    and the signs of a broken model (replies cut at max_dec_len, empty replies)."""
+    chars = [len(r["reply"]) for r in replies]
+    tokens = [r["tokens"] for r in replies]
+    out = {}
+    out.update({k.replace("len_count", "replies"): v for k, v in describe(chars, "len_").items()})
+    t = describe(tokens, "tokens_")
+    out.update({k: t[k] for k in ("tokens_mean", "tokens_median", "tokens_p90")})
+    out["cut_at_max_share"] = round(sum(r["finish_reason"] == "length" for r in replies) / len(replies), 4)
+    out["empty_share"] = round(sum(not r["reply"].strip() for r in replies) / len(replies), 4)
+    out["max_dec_len"] = int(max_dec_len)
+    return out

@@ -1,0 +1,49 @@
+"""analyze: chosen/rejected character lengths of the prepared data -> metrics, plot data and a histogram PNG."""
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ernie_dpo.common import get_logger, load_params, read_jsonl, write_json  # noqa: E402
+from ernie_dpo.data import chosen_text, rejected_text  # noqa: E402
+from ernie_dpo.stats import describe  # noqa: E402
+
+log = get_logger("analyze")
+
+
+def main():
+    bins = load_params()["analyze"]["bins"]
+    records = read_jsonl("data/prepared/dpo.jsonl")
+    chosen = [len(chosen_text(r)) for r in records]
+    rejected = [len(rejected_text(r)) for r in records]
+    ratio = [r / c for c, r in zip(chosen, rejected)]
+    metrics = {**describe(chosen, "chosen_len_"), **describe(rejected, "rejected_len_")}
+    metrics["pairs_ratio_ge_1_2"] = sum(x >= 1.2 for x in ratio)
+    metrics["pairs_ratio_ge_2"] = sum(x >= 2 for x in ratio)
+    write_json("metrics/data.json", {"data": metrics})
+    # plot data for `dvc plots show` (one row per pair: tiny, git-tracked)
+    write_json("metrics/plots/data_lengths.json",
+               [{"pair": i, "chosen_chars": c, "rejected_chars": r} for i, (c, r) in enumerate(zip(chosen, rejected))])
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, lengths, name, color in ((axes[0], chosen, "chosen", "tab:green"), (axes[1], rejected, "rejected", "tab:red")):
+        ax.hist(lengths, bins=bins, color=color, alpha=0.8)
+        ax.axvline(metrics[f"{name}_len_mean"], color="k", linestyle="--", label=f"mean {metrics[f'{name}_len_mean']:.0f}")
+        ax.axvline(metrics[f"{name}_len_median"], color="k", linestyle=":", label=f"median {metrics[f'{name}_len_median']:.0f}")
+        ax.set(title=f"{name} answers (n={len(lengths)})", xlabel="length (characters)", ylabel="pairs")
+        ax.legend()
+    fig.tight_layout()
+    Path("metrics/plots").mkdir(parents=True, exist_ok=True)
+    fig.savefig("metrics/plots/data_lengths.png", dpi=100)
+    log.info("chosen: mean %.1f / median %.1f chars; rejected: mean %.1f / median %.1f chars; "
+             "%d pairs with rejected >= 1.2x chosen, %d with >= 2x",
+             metrics["chosen_len_mean"], metrics["chosen_len_median"], metrics["rejected_len_mean"],
+             metrics["rejected_len_median"], metrics["pairs_ratio_ge_1_2"], metrics["pairs_ratio_ge_2"])
+
+
+if __name__ == "__main__":
+    main()

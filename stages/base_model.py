@@ -1,0 +1,86 @@
+"""base_model: the model DPO starts from, as a directory later stages hash.
+
+demo (model.name_or_path: tiny): build a tiny ERNIE-4.5-architecture model offline (SentencePiece tokenizer trained on
+the training pool, random init) and give it a short supervised warm-up so that it answers and stops by itself.
+cookbook: a hub id (e.g. baidu/ERNIE-4.5-0.3B-Paddle, downloaded by PaddleFormers) or a local model directory.
+Test prompts are never trained on: the warm-up and the tokenizer use only records outside the test set.
+"""
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tqdm import tqdm  # noqa: E402
+
+from ernie_dpo import engine, tiny  # noqa: E402
+from ernie_dpo.common import get_logger, load_params, read_jsonl, write_json, write_jsonl  # noqa: E402
+from ernie_dpo.data import prompt_key, training_pool  # noqa: E402
+
+log = get_logger("base_model")
+OUT, LOGS = Path("models/base"), Path("logs/base_model")
+
+
+def build_tiny(t, device):
+    records = read_jsonl("data/prepared/dpo.jsonl")
+    test_ids = {r["id"] for r in read_jsonl("data/testset/testset.jsonl")}
+    test_keys = {prompt_key(r) for r in records if r["id"] in test_ids}
+    pool = training_pool(records, test_ids, test_keys)
+    init = LOGS / "init"
+    log.info("training a %d-piece SentencePiece tokenizer on %d records (test prompts excluded)", t["vocab_size"], len(pool))
+    tiny.train_tokenizer(tiny.corpus_texts(pool), init, t["vocab_size"])
+    n_params = tiny.build_random_model(init, t["vocab_size"], t["hidden_size"], t["num_layers"], t["num_heads"],
+                                       t["num_kv_heads"], t["seed"])
+    log.info("random-initialised Ernie4_5ForCausalLM: %d parameters", n_params)
+
+    sft = tiny.sft_records(pool, t["warmup_rejected_weight"])
+    write_jsonl(LOGS / "warmup_sft.jsonl", sft)
+    cfg = engine.sft_config(init, LOGS / "warmup_sft.jsonl", OUT, device, t["seed"], t["max_seq_len"],
+                            t["warmup_steps"], t["warmup_learning_rate"], t["warmup_batch_size"])
+    cfg_path = engine.write_config(cfg, LOGS / "warmup.yaml")
+    log.info("supervised warm-up: %d steps x batch %d on %d examples (engine log: %s)", t["warmup_steps"],
+             t["warmup_batch_size"], len(sft), LOGS / "warmup.log")
+    losses = []
+    with tqdm(total=t["warmup_steps"], desc="warm-up (SFT)", unit="step") as bar:
+        def on_step(s):
+            losses.append(s.get("loss"))
+            bar.set_postfix(loss=f"{s.get('loss', float('nan')):.3f}")
+            bar.update(s["global_step"] - bar.n)
+        engine.run(engine.launch_command("train", cfg_path, device), LOGS / "warmup.log", on_step)
+    shutil.rmtree(init)
+    return {"kind": "tiny (demo, random init + warm-up)", "parameters": n_params, "warmup_examples": len(sft),
+            "warmup_first_loss": round(losses[0], 4), "warmup_final_loss": round(losses[-1], 4)}
+
+
+def fetch_pretrained(name, device):
+    """A local directory is copied; anything else is resolved by PaddleFormers (hub download) and saved."""
+    if Path(name).is_dir():
+        log.info("copying local model %s", name)
+        shutil.copytree(name, OUT)
+    else:
+        import paddle
+        from paddleformers.transformers import AutoModelForCausalLM, AutoTokenizer
+
+        paddle.set_device(device)
+        log.info("downloading %s through PaddleFormers (needs network access to the model hub)", name)
+        AutoTokenizer.from_pretrained(name).save_pretrained(str(OUT))
+        model = AutoModelForCausalLM.from_pretrained(name, dtype="bfloat16" if device == "gpu" else "float32")
+        model.save_pretrained(str(OUT))
+    return {"kind": f"pretrained ({name})"}
+
+
+def main():
+    params = load_params()
+    m, device = params["model"], params["engine"]["device"]
+    for d in (OUT, LOGS):
+        shutil.rmtree(d, ignore_errors=True)
+    LOGS.mkdir(parents=True)
+    start = time.time()
+    info = build_tiny(m["tiny"], device) if m["name_or_path"] == "tiny" else fetch_pretrained(m["name_or_path"], device)
+    info["seconds"] = round(time.time() - start, 1)
+    write_json("metrics/base_model.json", {"base_model": info})
+    log.info("base model ready in %s (%.0f s)", OUT, info["seconds"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""evaluate: the recipe's output-length numbers for one model's replies, and tuned - baseline with bootstrap CIs.
+
+    python stages/evaluate.py --name baseline --replies data/infer/baseline.jsonl --out metrics/baseline.json
+    python stages/evaluate.py --name tuned --replies data/infer/tuned.jsonl --baseline data/infer/baseline.jsonl \
+        --out metrics/tuned.json
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ernie_dpo.common import get_logger, load_params, read_jsonl, write_json  # noqa: E402
+from ernie_dpo.stats import bootstrap_delta, reply_metrics  # noqa: E402
+
+log = get_logger("evaluate")
+
+
+def plot_lengths(baseline, tuned, path):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    b = [len(r["reply"]) for r in baseline]
+    t = [len(r["reply"]) for r in tuned]
+    bins = 30
+    ax.hist(b, bins=bins, alpha=0.6, label=f"baseline (median {sorted(b)[len(b) // 2]})", color="tab:blue")
+    ax.hist(t, bins=bins, alpha=0.6, label=f"tuned (median {sorted(t)[len(t) // 2]})", color="tab:orange")
+    ax.set(title="reply length on the test set", xlabel="reply length (characters)", ylabel="replies")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--replies", required=True)
+    ap.add_argument("--baseline")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    params = load_params()
+    e, max_dec_len = params["evaluate"], params["infer"]["max_dec_len"]
+    replies = read_jsonl(args.replies)
+    out = {args.name: reply_metrics(replies, max_dec_len)}
+    m = out[args.name]
+    log.info("%s: %d replies, mean %.1f / median %.1f chars, %.0f%% cut at max_dec_len=%d, %.0f%% empty", args.name,
+             m["replies"], m["len_mean"], m["len_median"], 100 * m["cut_at_max_share"], max_dec_len, 100 * m["empty_share"])
+    if args.baseline:
+        base = read_jsonl(args.baseline)
+        b_len = [len(r["reply"]) for r in base]
+        t_len = [len(r["reply"]) for r in replies]
+        delta = {}
+        for stat in ("mean", "median"):
+            d, lo, hi = bootstrap_delta(b_len, t_len, stat, e["bootstrap_samples"], e["seed"])
+            delta[f"len_{stat}"] = round(d, 2)
+            delta[f"len_{stat}_ci_low"] = round(lo, 2)
+            delta[f"len_{stat}_ci_high"] = round(hi, 2)
+            log.info("tuned - baseline %s reply length: %+.1f chars, 95%% bootstrap CI [%+.1f, %+.1f]", stat, d, lo, hi)
+        out["delta"] = delta
+        Path("metrics/plots").mkdir(parents=True, exist_ok=True)
+        write_json("metrics/plots/reply_lengths.json",
+                   [{"prompt": i, "baseline_chars": b, "tuned_chars": t} for i, (b, t) in enumerate(zip(b_len, t_len))])
+        plot_lengths(base, replies, "metrics/plots/reply_lengths.png")
+    write_json(args.out, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""prepare: ShareGPT DPO json -> ERNIE DPO jsonl, with every dropped record counted and written with its reason."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ernie_dpo.common import get_logger, load_params, write_json, write_jsonl  # noqa: E402
+from ernie_dpo.data import DataError, load_sharegpt, prepare_records  # noqa: E402
+
+log = get_logger("prepare")
+
+
+def main():
+    params = load_params()
+    raw_path = params["data"]["raw_path"]
+    log.info("reading %s", raw_path)
+    try:
+        raw = load_sharegpt(raw_path)
+    except DataError as e:
+        sys.exit(f"prepare: {e}")
+    kept, rejects, counts = prepare_records(raw)
+    write_jsonl("data/prepared/dpo.jsonl", kept)
+    write_jsonl("data/prepared/rejects.jsonl", rejects)
+    write_json("metrics/prepare.json", {"prepare": {"records_read": counts["read"], "records_kept": counts["kept"],
+                                                    "records_dropped": sum(counts["dropped"].values()),
+                                                    "dropped_by_reason": counts["dropped"]}})
+    log.info("read %d records, kept %d, dropped %d %s (see data/prepared/rejects.jsonl)",
+             counts["read"], counts["kept"], len(rejects), counts["dropped"])
+
+
+if __name__ == "__main__":
+    main()

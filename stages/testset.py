@@ -1,0 +1,29 @@
+"""testset: a fixed sample of prompts (seeded) in OpenAI message format, for baseline and tuned inference."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ernie_dpo.common import get_logger, load_params, read_jsonl, write_json, write_jsonl  # noqa: E402
+from ernie_dpo.data import DataError, make_testset  # noqa: E402
+
+log = get_logger("testset")
+
+
+def main():
+    p = load_params()["testset"]
+    records = read_jsonl("data/prepared/dpo.jsonl")
+    try:
+        test = make_testset(records, p["size"], p["seed"], p["keep_system"])
+    except DataError as e:
+        sys.exit(f"testset: {e}")
+    write_jsonl("data/testset/testset.jsonl", test)
+    n_multi = sum(sum(m["role"] == "user" for m in t["messages"]) > 1 for t in test)
+    n_sys = sum(t["messages"][0]["role"] == "system" for t in test)
+    write_json("metrics/testset.json", {"testset": {"prompts": len(test), "multi_turn_prompts": n_multi,
+                                                    "prompts_with_system": n_sys}})
+    log.info("sampled %d of %d records (seed %d, keep_system=%s): %d multi-turn, %d with a system prompt",
+             len(test), len(records), p["seed"], p["keep_system"], n_multi, n_sys)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""train: DPO on the training set with PaddleFormers; every logged step goes to DVCLive.
+
+Outputs: models/train (LoRA adapter or full model), logs/train/dpo.yaml (the exact engine config: rerun it by hand with
+`paddleformers-cli train logs/train/dpo.yaml` on a GPU, `python -m ernie_dpo.engine train logs/train/dpo.yaml` on a
+CPU), logs/train/engine.log, metrics/train.json (final values) and metrics/dvclive/ (per-step curves).
+"""
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dvclive import Live  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from ernie_dpo import engine  # noqa: E402
+from ernie_dpo.common import get_logger, load_params, write_json  # noqa: E402
+
+log = get_logger("train")
+OUT, LOGS = Path("models/train"), Path("logs/train")
+CURVES = ("loss", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+          "logps/chosen", "logps/rejected")
+
+
+def main():
+    params = load_params()
+    p, device = params["train"], params["engine"]["device"]
+    if p["warmup_steps"] >= p["max_steps"]:
+        sys.exit(f"train: warmup_steps ({p['warmup_steps']}) must be smaller than max_steps ({p['max_steps']})")
+    for d in (OUT, LOGS):
+        shutil.rmtree(d, ignore_errors=True)
+    cfg = engine.dpo_config("models/base", "data/trainset/train.jsonl", OUT, device, p)
+    cfg_path = engine.write_config(cfg, LOGS / "dpo.yaml")
+    log.info("DPO (%s, loss %s, beta %s): %d steps, warmup %d, global batch %d, lr %g on %s (engine log: %s)",
+             p["fine_tuning"], p["loss_type"], p["beta"], p["max_steps"], p["warmup_steps"], p["global_batch_size"],
+             p["learning_rate"], device, LOGS / "engine.log")
+    last = {}
+    start = time.time()
+    with Live(dir="metrics/dvclive", dvcyaml=None, save_dvc_exp=False, report=None) as live, \
+            tqdm(total=p["max_steps"], desc="DPO", unit="step") as bar:
+        def on_step(s):
+            live.step = s["global_step"]
+            for k in CURVES:
+                if k in s:
+                    live.log_metric(k, s[k], plot=True)
+            live.next_step()
+            last.update(s)
+            bar.set_postfix(loss=f"{s['loss']:.3f}", margin=f"{s.get('rewards/margins', 0):.2f}")
+            bar.update(s["global_step"] - bar.n)
+        engine.run(engine.launch_command("train", cfg_path, device), LOGS / "engine.log", on_step)
+    if not last:
+        sys.exit(f"train: the engine logged no training step; see {LOGS / 'engine.log'}")
+    final = {k.replace("/", "_"): round(v, 5) for k, v in last.items() if k in CURVES or k == "global_step"}
+    final["seconds"] = round(time.time() - start, 1)
+    write_json("metrics/train.json", {"train": final})
+    log.info("done: step %d, loss %.4f, reward margin %.3f, accuracy %.2f (%.0f s)", last["global_step"], last["loss"],
+             last.get("rewards/margins", float("nan")), last.get("rewards/accuracies", float("nan")), final["seconds"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""trainset: DPO training pairs from the records NOT in the test set, filtered by the recipe's length rules."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ernie_dpo.common import get_logger, load_params, read_json, read_jsonl, write_json, write_jsonl  # noqa: E402
+from ernie_dpo.data import (DataError, chosen_text, prompt_key, rejected_text, sample_down,  # noqa: E402
+                            select_pairs, training_pool)
+
+log = get_logger("trainset")
+
+
+def main():
+    p = load_params()["trainset"]
+    records = read_jsonl("data/prepared/dpo.jsonl")
+    test = read_jsonl("data/testset/testset.jsonl")
+    test_ids = {t["id"] for t in test}
+    by_id = {r["id"]: r for r in records}
+    test_keys = {prompt_key(by_id[i]) for i in test_ids}
+    pool = training_pool(records, test_ids, test_keys)
+
+    baseline_mean = None
+    if p["strategy"] == "near_baseline":
+        baseline_mean = read_json("metrics/baseline.json")["baseline"]["len_mean"]
+        log.info("near_baseline: reference = baseline mean reply length %.1f chars (metrics/baseline.json)", baseline_mean)
+    try:
+        pairs = select_pairs(pool, p["strategy"], p["min_ratio"], baseline_mean, p["baseline_tolerance"])
+        passed = len(pairs)
+        pairs = sample_down(pairs, p["size"], p["seed"])
+    except DataError as e:
+        sys.exit(f"trainset: {e}")
+
+    # The recipe's second defect was a training pool that overlapped the test prompts: make that impossible.
+    overlap = sum(r["id"] in test_ids or prompt_key(r) in test_keys for r in pairs)
+    assert overlap == 0, f"{overlap} training pairs share a prompt with the test set"
+    if not pairs:
+        sys.exit("trainset: no pair passes the filter; loosen trainset.min_ratio / baseline_tolerance")
+
+    write_jsonl("data/trainset/train.jsonl", pairs)
+    chosen = [len(chosen_text(r)) for r in pairs]
+    rejected = [len(rejected_text(r)) for r in pairs]
+    metrics = {
+        "pool_pairs": len(pool),
+        "excluded_as_test_prompt": len(records) - len(pool),
+        "pairs_passing_filter": passed,
+        "pairs": len(pairs),
+        "chosen_len_mean": round(sum(chosen) / len(chosen), 2),
+        "rejected_len_mean": round(sum(rejected) / len(rejected), 2),
+        "test_overlap": overlap,
+    }
+    write_json("metrics/trainset.json", {"trainset": metrics})
+    log.info("strategy %s: %d records minus %d sharing a test prompt = pool %d; %d pass the filter; kept %d "
+             "(mean chosen %.1f chars, rejected %.1f chars); overlap with test set: %d",
+             p["strategy"], len(records), metrics["excluded_as_test_prompt"], len(pool), passed, len(pairs),
+             metrics["chosen_len_mean"], metrics["rejected_len_mean"], overlap)
+
+
+if __name__ == "__main__":
+    main()
