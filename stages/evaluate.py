@@ -43,12 +43,15 @@ def main():
     params = load_params()
     e, max_dec_len = params["evaluate"], params["infer"]["max_dec_len"]
     replies = read_jsonl(args.replies)
-    out = {args.name: reply_metrics(replies, max_dec_len)}
+    # "model" labels every number: the demo's come from the tiny model, never from ERNIE-4.5-0.3B
+    out = {args.name: {"model": params["model"]["name_or_path"], **reply_metrics(replies, max_dec_len)}}
     m = out[args.name]
     log.info("%s: %d replies, mean %.1f / median %.1f chars, %.0f%% cut at max_dec_len=%d, %.0f%% empty", args.name,
              m["replies"], m["len_mean"], m["len_median"], 100 * m["cut_at_max_share"], max_dec_len, 100 * m["empty_share"])
     if args.baseline:
         base = read_jsonl(args.baseline)
+        if [r["id"] for r in base] != [r["id"] for r in replies]:
+            sys.exit(f"evaluate: {args.baseline} and {args.replies} do not answer the same prompts in the same order")
         b_len = [len(r["reply"]) for r in base]
         t_len = [len(r["reply"]) for r in replies]
         delta = {}

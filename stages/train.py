@@ -25,8 +25,9 @@ CURVES = ("loss", "learning_rate", "rewards/chosen", "rewards/rejected", "reward
 def main():
     params = load_params()
     p, device = params["train"], params["engine"]["device"]
-    if p["warmup_steps"] >= p["max_steps"]:
-        sys.exit(f"train: warmup_steps ({p['warmup_steps']}) must be smaller than max_steps ({p['max_steps']})")
+    if p["warmup_steps"] >= p["max_steps"]:  # valid for the engine, but the peak learning rate is never reached
+        log.warning("warmup_steps (%d) >= max_steps (%d): the learning rate only ramps up, to %.0f%% of %g",
+                    p["warmup_steps"], p["max_steps"], 100 * p["max_steps"] / p["warmup_steps"], p["learning_rate"])
     for d in (OUT, LOGS):
         shutil.rmtree(d, ignore_errors=True)
     cfg = engine.dpo_config("models/base", "data/trainset/train.jsonl", OUT, device, p)

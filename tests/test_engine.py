@@ -1,0 +1,51 @@
+"""Engine YAML, launch commands and log parsing (no engine run here; see test_model.py for real runs)."""
+import sys
+
+import pytest
+
+from ernie_dpo import engine
+
+TRAIN = dict(max_steps=10, warmup_steps=2, global_batch_size=4, learning_rate=1e-4, fine_tuning="lora",
+             loss_type="sigmoid", beta=0.1, lora_rank=8, lora_alpha=16, seed=42, max_seq_len=256, max_prompt_len=128)
+
+
+def test_cpu_dpo_lora_config_has_the_settings_a_cpu_needs():
+    cfg = engine.dpo_config("models/base", "train.jsonl", "out", "cpu", TRAIN)
+    assert cfg["stage"] == "DPO" and cfg["fine_tuning"] == "LoRA" and cfg["lora"] is True
+    assert cfg["device"] == "cpu" and cfg["compute_type"] == "float32" and cfg["amp_master_grad"] is False
+    assert cfg["_attn_implementation"] == "eager"
+    assert cfg["per_device_train_batch_size"] == cfg["global_batch_size"] == 4
+    assert cfg["train_dataset_type"] == "erniekit" and cfg["save_strategy"] == "no"
+    assert "batch_size" not in cfg  # a bare batch_size key is rejected by the engine
+
+
+def test_gpu_full_config_uses_bf16_and_flash_attention():
+    cfg = engine.dpo_config("m", "t", "o", "gpu", {**TRAIN, "fine_tuning": "full"})
+    assert cfg["fine_tuning"] == "full" and "lora_rank" not in cfg
+    assert cfg["compute_type"] == "bf16" and cfg["_attn_implementation"] == "flashmask"
+
+
+def test_bad_values_are_rejected():
+    with pytest.raises(ValueError, match="fine_tuning"):
+        engine.dpo_config("m", "t", "o", "cpu", {**TRAIN, "fine_tuning": "qlora"})
+    with pytest.raises(ValueError, match="device"):
+        engine.device_settings("tpu")
+
+
+def test_launch_commands():
+    assert engine.launch_command("train", "x.yaml", "cpu") == [sys.executable, "-m", "ernie_dpo.engine", "train", "x.yaml"]
+    gpu = engine.launch_command("train", "logs/x.yaml", "gpu", devices="0,1")
+    assert gpu[1:3] == ["-m", "paddle.distributed.launch"] and gpu[gpu.index("--gpus") + 1] == "0,1"
+    assert gpu[-3].endswith("paddleformers/cli/launcher.py") and gpu[-2:] == ["train", "logs/x.yaml"]
+
+
+def test_parse_a_real_dpo_step_line():
+    line = ("[2026-11-24 17:33:01,123] [    INFO] - loss: 0.51459312, learning_rate: 5e-05, global_step: 40, "
+            "interval_runtime: 0.51, interval_samples_per_second: 15.6, interval_tokens_per_second_per_device: 4206.5, "
+            "rewards/chosen: 0.04634, rewards/rejected: -0.36391, rewards/accuracies: 1.0, rewards/margins: 0.41025, "
+            "logps/rejected: -17.48512, logps/chosen: -3.73312, progress_or_epoch: 1.5")
+    s = engine.parse_log_line(line)
+    assert s["global_step"] == 40 and s["loss"] == pytest.approx(0.51459312) and s["learning_rate"] == 5e-05
+    assert s["rewards/margins"] == pytest.approx(0.41025) and s["logps/chosen"] == pytest.approx(-3.73312)
+    assert engine.parse_log_line("global_step is mentioned but no numbers") is None
+    assert engine.parse_log_line("loss: 0.3") is None

@@ -1,0 +1,118 @@
+"""The whole pipeline in a real temp DVC repo: `dvc repro`, then experiments that rerun only what they must."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, copy_repo, venv_env
+
+STAGES = ["prepare", "analyze", "testset", "base_model", "infer_baseline", "evaluate_baseline", "trainset", "train",
+          "merge", "infer_tuned", "evaluate_tuned"]
+
+
+def sh(args, cwd, check=True):
+    r = subprocess.run(args, cwd=cwd, env=venv_env(), capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+def dvc(*args, cwd, check=True):
+    return sh([sys.executable, "-m", "dvc", *args], cwd, check)
+
+
+def ran(output):
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def compose(repo, out):
+    code = ("from pathlib import Path; from dvc.utils.hydra import compose_and_dump; "
+            f"compose_and_dump(Path({str(out)!r}), str(Path('conf').resolve()), None, 'config', '.', [])")
+    sh([sys.executable, "-c", code], repo)
+
+
+def test_committed_params_yaml_is_the_composed_demo_profile(tmp_path):
+    compose(ROOT, tmp_path / "params.yaml")
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_committed_lock_matches_the_code_and_params():
+    """dvc.lock in git describes this code: a reviewer's `dvc repro` would only fetch, not recompute."""
+    r = dvc("repro", "--dry", "--allow-missing", cwd=ROOT)
+    unchanged = [line.split("'")[1] for line in r.stdout.splitlines() if line.endswith("didn't change, skipping")]
+    assert unchanged == STAGES, r.stdout
+
+
+def test_cookbook_profile_composes_with_the_recipe_values(tmp_path):
+    code = ("from pathlib import Path; from dvc.utils.hydra import compose_and_dump; "
+            f"compose_and_dump(Path({str(tmp_path / 'p.yaml')!r}), str(Path('conf').resolve()), None, 'config', '.', "
+            "['profile=cookbook', 'train.warmup_steps=360'])")
+    sh([sys.executable, "-c", code], ROOT)
+    p = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    assert p["model"]["name_or_path"] == "baidu/ERNIE-4.5-0.3B-Paddle" and p["engine"]["device"] == "gpu"
+    assert p["testset"] == {"size": 200, "seed": 2025, "keep_system": False}
+    assert (p["infer"]["top_p"], p["infer"]["temperature"], p["infer"]["max_dec_len"]) == (0.7, 0.7, 8192)
+    assert p["train"]["warmup_steps"] == 360 and p["train"]["global_batch_size"] == 1
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A fresh clone-like copy with a smaller demo (fewer steps, fewer prompts), reproduced once."""
+    repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    (repo / "dvc.lock").unlink(missing_ok=True)
+    demo = repo / "conf/profile/demo.yaml"
+    cfg = yaml.safe_load(demo.read_text())
+    cfg["testset"]["size"] = 12
+    cfg["infer"].update(max_dec_len=48, batch_size=6)
+    cfg["train"].update(max_steps=4, warmup_steps=1)
+    cfg["model"]["tiny"] = {"warmup_steps": 30}
+    demo.write_text("# @package _global_\n" + yaml.safe_dump(cfg, sort_keys=False))
+    compose(repo, repo / "params.yaml")
+    sh(["git", "init", "-q"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", "--allow-empty"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "code"], repo)
+    r = dvc("repro", cwd=repo)
+    assert ran(r.stdout) == STAGES
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"], repo)
+    return repo
+
+
+def test_repro_writes_every_metric_and_keeps_test_prompts_out(repo):
+    m = {f: json.loads((repo / "metrics" / f).read_text()) for f in
+         ("prepare.json", "data.json", "testset.json", "base_model.json", "baseline.json", "trainset.json",
+          "train.json", "tuned.json")}
+    assert m["prepare.json"]["prepare"]["records_read"] == 480
+    assert m["testset.json"]["testset"]["prompts"] == 12
+    assert m["trainset.json"]["trainset"]["test_overlap"] == 0
+    assert m["baseline.json"]["baseline"]["replies"] == 12 and m["baseline.json"]["baseline"]["model"] == "tiny"
+    assert set(m["tuned.json"]) == {"tuned", "delta"} and "len_median_ci_low" in m["tuned.json"]["delta"]
+    assert m["train.json"]["train"]["global_step"] == 4
+    loss = (repo / "metrics/dvclive/plots/metrics/loss.tsv").read_text().splitlines()
+    assert loss[0].split("\t") == ["step", "loss"] and len(loss) == 5  # header + one row per step
+    assert (repo / "logs/train/dpo.yaml").exists() and "global_step: 4" in (repo / "logs/train/engine.log").read_text()
+    for png in ("data_lengths.png", "reply_lengths.png"):
+        assert (repo / "metrics/plots" / png).read_bytes()[:4] == b"\x89PNG"
+    assert (repo / "models/merged/config.json").exists()
+    # every metric key is unique across files, so `dvc exp show` columns never collide
+    keys = [f"{top}.{k}" for doc in m.values() for top, sub in doc.items() for k in sub]
+    assert len(keys) == len(set(keys))
+
+
+def test_changing_the_length_filter_reruns_only_trainset(repo):
+    r = dvc("exp", "run", "--temp", "-S", "trainset.min_ratio=2.0", "trainset", cwd=repo)
+    assert ran(r.stdout) == ["trainset"], r.stdout
+
+
+def test_changing_warmup_reruns_only_train_and_what_follows(repo):
+    r = dvc("exp", "run", "--temp", "-n", "warmup360", "-S", "train.warmup_steps=360", cwd=repo)
+    assert ran(r.stdout) == ["train", "merge", "infer_tuned", "evaluate_tuned"], r.stdout
+    shown = json.loads(dvc("exp", "show", "--json", cwd=repo).stdout)
+    text = json.dumps(shown)
+    assert "warmup360" in text and '"warmup_steps": 360' in text
+    for key in ('"len_mean"', '"len_median_ci_low"', '"pairs_ratio_ge_2"', '"test_overlap"'):
+        assert key in text
