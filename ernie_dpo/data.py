@@ -205,12 +205,18 @@ def to_messages(rec, keep_system):
 
 
 def make_testset(records, size, seed, keep_system):
-    """`size` records sampled with `seed`, as {"id", "messages"}. Order follows the sample, so it is reproducible."""
-    if size > len(records):
-        raise DataError(f"testset.size is {size} but the prepared data has only {len(records)} records")
+    """`size` distinct prompts sampled with `seed`, as {"id", "messages"}, in sample order (reproducible).
+
+    Records that repeat an earlier record's prompt (same conversation, other answers) are skipped, so the test set
+    never asks the same question twice.
+    """
+    distinct = list({prompt_key(r): r for r in reversed(records)}.values())[::-1]  # first record of each prompt
+    if size > len(distinct):
+        raise DataError(f"testset.size is {size} but the prepared data has only {len(distinct)} distinct prompts "
+                        f"({len(records)} records)")
     if size <= 0:
         raise DataError(f"testset.size must be positive, got {size}")
-    picked = random.Random(seed).sample(records, size)
+    picked = random.Random(seed).sample(distinct, size)
     return [{"id": r["id"], "messages": to_messages(r, keep_system)} for r in picked]
 
 

@@ -107,6 +107,15 @@ def test_training_pool_excludes_test_prompts_even_under_another_id():
     assert [r["id"] for r in pool] == ["p3"]
 
 
+def test_testset_never_asks_the_same_prompt_twice():
+    records = [ernie("a", "b" * k, f"q{k % 5}") for k in range(20)]
+    for k, r in enumerate(records):
+        r["id"] = f"r{k}"
+    test = data.make_testset(records, 5, 3, False)
+    assert sorted(t["messages"][-1]["content"] for t in test) == [f"q{k}" for k in range(5)]
+    assert {t["id"] for t in test} == {f"r{k}" for k in range(5)}  # the first record of each prompt
+
+
 def test_testset_messages_and_system_prompt_switch():
     r = {"id": "x", "system": "Answer at length.", "src": ["Hi, I'm Sponge.", "Who am I?"], "tgt": ["Hi Sponge!"],
          "response": [["a"], ["b"]], "sort": [1, 0]}
@@ -117,8 +126,8 @@ def test_testset_messages_and_system_prompt_switch():
 
 
 def test_asking_for_more_than_exists_is_a_clear_error():
-    with pytest.raises(data.DataError, match="testset.size is 5 but the prepared data has only 1"):
-        data.make_testset([ernie("a", "b")], 5, 0, False)
+    with pytest.raises(data.DataError, match="testset.size is 2 but the prepared data has only 1 distinct prompts"):
+        data.make_testset([ernie("a", "b", "q"), ernie("a", "c", "q")], 2, 0, False)  # one prompt, two records
     with pytest.raises(data.DataError, match="trainset.size is 3 but only 1 pairs pass"):
         data.sample_down([ernie("a", "b")], 3, 0)
 

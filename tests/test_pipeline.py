@@ -104,8 +104,30 @@ def test_repro_writes_every_metric_and_keeps_test_prompts_out(repo):
 
 
 def test_changing_the_length_filter_reruns_only_trainset(repo):
-    r = dvc("exp", "run", "--temp", "-S", "trainset.min_ratio=2.0", "trainset", cwd=repo)
+    before = json.loads((repo / "metrics/trainset.json").read_text())["trainset"]
+    r = dvc("exp", "run", "-S", "trainset.min_ratio=2.0", "trainset", cwd=repo)
     assert ran(r.stdout) == ["trainset"], r.stdout
+    after = json.loads((repo / "metrics/trainset.json").read_text())["trainset"]
+    assert after["pairs"] < before["pairs"] and after["test_overlap"] == 0
+    rows = [json.loads(line) for line in (repo / "data/trainset/train.jsonl").read_text().splitlines()]
+    assert len(rows) == after["pairs"] and all(len(r["response"][1][0]) >= 2 * len(r["response"][0][0]) for r in rows)
+    sh(["git", "checkout", "--", "."], repo)  # back to the committed workspace for the next test
+    dvc("checkout", "-f", cwd=repo)
+
+
+def test_param_changes_are_never_answered_from_a_stale_run_cache(tmp_path):
+    """Regression: with `params: [testset]` (a whole section) DVC restored a run with other values from its run cache."""
+    repo = copy_repo(tmp_path / "repo")
+    sh(["git", "init", "-q"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "code"], repo)
+    dvc("repro", "testset", cwd=repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"], repo)
+    for size in (17, 19, 17):
+        dvc("exp", "run", "-S", f"testset.size={size}", "testset", cwd=repo)
+        lines = (repo / "data/testset/testset.jsonl").read_text().splitlines()
+        assert len(lines) == size
 
 
 def test_changing_warmup_reruns_only_train_and_what_follows(repo):
