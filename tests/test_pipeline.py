@@ -78,7 +78,7 @@ def repo(tmp_path_factory):
     r = dvc("repro", cwd=repo)
     assert ran(r.stdout) == STAGES
     sh(["git", "add", "-A"], repo)
-    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro", "--allow-empty"], repo)
     return repo
 
 
@@ -123,7 +123,7 @@ def test_param_changes_are_never_answered_from_a_stale_run_cache(tmp_path):
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "code"], repo)
     dvc("repro", "testset", cwd=repo)
     sh(["git", "add", "-A"], repo)
-    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro", "--allow-empty"], repo)
     for size in (17, 19, 17):
         dvc("exp", "run", "-S", f"testset.size={size}", "testset", cwd=repo)
         lines = (repo / "data/testset/testset.jsonl").read_text().splitlines()
