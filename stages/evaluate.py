@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -20,14 +21,14 @@ from ernie_dpo.stats import bootstrap_delta, reply_metrics  # noqa: E402
 log = get_logger("evaluate")
 
 
-def plot_lengths(baseline, tuned, path):
+def plot_lengths(b, t, model, path):
+    """Overlaid histograms of reply lengths (chars), same bins for both; the legend's medians match the metrics."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    b = [len(r["reply"]) for r in baseline]
-    t = [len(r["reply"]) for r in tuned]
-    bins = 30
-    ax.hist(b, bins=bins, alpha=0.6, label=f"baseline (median {sorted(b)[len(b) // 2]})", color="tab:blue")
-    ax.hist(t, bins=bins, alpha=0.6, label=f"tuned (median {sorted(t)[len(t) // 2]})", color="tab:orange")
-    ax.set(title="reply length on the test set", xlabel="reply length (characters)", ylabel="replies")
+    bins = np.histogram_bin_edges(b + t, bins=30)
+    ax.hist(b, bins=bins, alpha=0.6, label=f"baseline (median {np.median(b):g})", color="tab:blue")
+    ax.hist(t, bins=bins, alpha=0.6, label=f"tuned (median {np.median(t):g})", color="tab:orange")
+    ax.set(title=f"reply length on the test set (model: {model})", xlabel="reply length (characters)",
+           ylabel="replies")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -65,7 +66,7 @@ def main():
         Path("metrics/plots").mkdir(parents=True, exist_ok=True)
         write_json("metrics/plots/reply_lengths.json",
                    [{"prompt": i, "baseline_chars": b, "tuned_chars": t} for i, (b, t) in enumerate(zip(b_len, t_len))])
-        plot_lengths(base, replies, "metrics/plots/reply_lengths.png")
+        plot_lengths(b_len, t_len, params["model"]["name_or_path"], "metrics/plots/reply_lengths.png")
     write_json(args.out, out)
 
 
