@@ -185,12 +185,6 @@ def run(cmd, log_path, on_step=None, env=None):
         raise RuntimeError(f"engine command failed (exit {rc}): {' '.join(cmd)}\n--- last lines of {log_path} ---\n{tail}")
 
 
-def final_metrics(out_dir):
-    """train_results.json written by the engine at the end of training (train_loss, train_runtime, ...)."""
-    path = Path(out_dir) / "train_results.json"
-    return yaml.safe_load(path.read_text()) if path.exists() else {}
-
-
 def _single_process_cpu_main(argv):
     """Start the engine's launcher in this process (the CPU path of launch_command).
 
