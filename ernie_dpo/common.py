@@ -1,4 +1,5 @@
 """Small helpers every stage needs: params, jsonl, json metrics, logging."""
+import hashlib
 import json
 import logging
 import os
@@ -57,3 +58,22 @@ def read_json(path):
 def get_logger(name):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return logging.getLogger(name)
+
+
+def fingerprint(paths, params):
+    """A short hash of some files (directories walked, sorted) and a params dict: names a resumable work folder.
+
+    Progress kept under such a name (partial inference, training checkpoints) is only ever reused by a run with the
+    same inputs; any change of model, data or params starts afresh.
+    """
+    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    for root in map(Path, paths):
+        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+        for f in files:
+            if f.name == "flex-ckpt.auto_generated.metadata":  # rewritten by the engine on every load
+                continue
+            h.update(str(f.relative_to(root.parent)).encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]

@@ -42,10 +42,9 @@ def load_sharegpt(path):
             raw = f.read()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 (bad byte at offset {e.start})") from None
+    # Bytes that are not UTF-8 become lone surrogates (surrogateescape) instead of failing the whole file: the
+    # records that contain them are then dropped as "invalid_utf8" and the rest of the file is kept.
+    text = raw.decode("utf-8", errors="surrogateescape")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -67,8 +66,40 @@ def _text(value, what):
     return value
 
 
-def convert_record(rec):
-    """One ShareGPT DPO record -> (ERNIE DPO record without id). Raises Invalid with a reason key."""
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def _printable(obj):
+    """The record with undecodable bytes shown as \\xNN, so it can be written to the rejects file."""
+    if isinstance(obj, str):
+        return obj.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if isinstance(obj, dict):
+        return {k: _printable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_printable(v) for v in obj]
+    return obj
+
+
+def convert_record(rec, max_chars=None):
+    """One ShareGPT DPO record -> (ERNIE DPO record without id). Raises Invalid with a reason key.
+
+    max_chars: a text longer than this (e.g. a 10 MB answer) is dropped as "too_long" rather than fed to training.
+    """
+    for text in _strings(rec):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise Invalid("invalid_utf8", f"bytes that are not UTF-8 in a text (position {e.start})") from None
+        if max_chars and len(text) > max_chars:
+            raise Invalid("too_long", f"a text of {len(text):,} characters exceeds prepare.max_chars={max_chars:,}")
     for field in ("conversations", "chosen", "rejected"):
         if field not in rec:
             raise Invalid("missing_field", f"no '{field}'")
@@ -129,7 +160,7 @@ def record_id(ernie_rec):
     return hashlib.sha1(blob).hexdigest()[:12]
 
 
-def prepare_records(raw_records):
+def prepare_records(raw_records, max_chars=None):
     """Convert every record. Returns (kept, rejects, counts): nothing is dropped without a reason.
 
     kept: ERNIE DPO records with "id" first. rejects: {"index", "reason", "detail", "record"}.
@@ -138,12 +169,12 @@ def prepare_records(raw_records):
     kept, rejects, seen = [], [], set()
     for i, rec in enumerate(raw_records):
         try:
-            out = convert_record(rec)
+            out = convert_record(rec, max_chars)
             rid = record_id(out)
             if rid in seen:
                 raise Invalid("duplicate", f"same content as an earlier record (id {rid})")
         except Invalid as e:
-            rejects.append({"index": i, "reason": e.reason, "detail": e.detail, "record": rec})
+            rejects.append({"index": i, "reason": e.reason, "detail": e.detail, "record": _printable(rec)})
             continue
         seen.add(rid)
         kept.append({"id": rid, **out})

@@ -62,6 +62,11 @@ def _common(model, data_path, out_dir, device, seed, max_seq_len, max_steps, war
     }
     if save_steps and int(save_steps) > 0:
         cfg.update({"save_strategy": "steps", "save_steps": int(save_steps), "save_total_limit": 1})
+        if device == "cpu":
+            # The default flex_checkpoint format resumes through fleet's hybrid communicate group, which a single CPU
+            # process never creates (AttributeError: 'Fleet' object has no attribute '_hcg'); unified_checkpoint
+            # saves and resumes there (checked: killed after checkpoint-5, resumed at step 6).
+            cfg.update({"save_checkpoint_format": "unified_checkpoint", "load_checkpoint_format": "unified_checkpoint"})
     else:
         cfg["save_strategy"] = "no"
     cfg.update(device_settings(device))

@@ -7,27 +7,14 @@ infer params: an interrupted run resumes where it stopped, and a run with differ
 The finished file is then written to --out in test-set order.
 """
 import argparse
-import hashlib
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ernie_dpo.common import get_logger, load_params, read_jsonl, write_jsonl  # noqa: E402
+from ernie_dpo.common import fingerprint, get_logger, load_params, read_jsonl, write_jsonl  # noqa: E402
 from ernie_dpo.generate import generate_all  # noqa: E402
 
 log = get_logger("infer")
-
-
-def run_key(model_dir, test_path, p, device):
-    h = hashlib.sha256(json.dumps([p, device], sort_keys=True).encode())
-    for f in [Path(test_path)] + sorted(Path(model_dir).rglob("*")):
-        if f.is_file() and (f == Path(test_path) or f.suffix in (".safetensors", ".json", ".model", ".pdparams")):
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def main():
@@ -39,7 +26,7 @@ def main():
     p, device = params["infer"], params["engine"]["device"]
     test_path = "data/testset/testset.jsonl"
     tests = read_jsonl(test_path)
-    partial = Path("data/infer/partial") / f"{Path(args.out).stem}-{run_key(args.model, test_path, p, device)}.jsonl"
+    partial = Path("data/infer/partial") / f"{Path(args.out).stem}-{fingerprint([args.model, test_path], [p, device])}.jsonl"
     log.info("%d prompts, model %s, top_p %s, temperature %s, max_dec_len %d, batch %d (progress: %s)", len(tests),
              args.model, p["top_p"], p["temperature"], p["max_dec_len"], p["batch_size"], partial)
     records = generate_all(tests, partial, args.model, p["top_p"], p["temperature"], p["max_dec_len"],

@@ -17,7 +17,7 @@ def main():
         raw = load_sharegpt(raw_path)
     except DataError as e:
         sys.exit(f"prepare: {e}")
-    kept, rejects, counts = prepare_records(raw)
+    kept, rejects, counts = prepare_records(raw, params["prepare"]["max_chars"])
     write_jsonl("data/prepared/dpo.jsonl", kept)
     write_jsonl("data/prepared/rejects.jsonl", rejects)
     write_json("metrics/prepare.json", {"prepare": {"records_read": counts["read"], "records_kept": counts["kept"],

@@ -1,5 +1,9 @@
 """train: DPO on the training set with PaddleFormers; every logged step goes to DVCLive.
 
+Checkpoints (train.save_steps > 0) go to checkpoints/train-<hash of base model, training set and train params>/, outside
+DVC's outputs: a run killed after a checkpoint resumes from it when the stage runs again (the engine resumes from the
+newest checkpoint-N in its output folder); a run with any other input starts afresh.
+
 Outputs: models/train (LoRA adapter or full model), logs/train/dpo.yaml (the exact engine config: rerun it by hand with
 `paddleformers-cli train logs/train/dpo.yaml` on a GPU, `python -m ernie_dpo.engine train logs/train/dpo.yaml` on a
 CPU), logs/train/engine.log, metrics/train.json (final values) and metrics/dvclive/ (per-step curves).
@@ -14,7 +18,7 @@ from dvclive import Live  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ernie_dpo import engine  # noqa: E402
-from ernie_dpo.common import get_logger, load_params, write_json  # noqa: E402
+from ernie_dpo.common import fingerprint, get_logger, load_params, write_json  # noqa: E402
 
 log = get_logger("train")
 OUT, LOGS = Path("models/train"), Path("logs/train")
@@ -28,16 +32,20 @@ def main():
     if p["warmup_steps"] >= p["max_steps"]:  # valid for the engine, but the peak learning rate is never reached
         log.warning("warmup_steps (%d) >= max_steps (%d): the learning rate only ramps up, to %.0f%% of %g",
                     p["warmup_steps"], p["max_steps"], 100 * p["max_steps"] / p["warmup_steps"], p["learning_rate"])
+    work = Path("checkpoints") / f"train-{fingerprint(['models/base', 'data/trainset/train.jsonl'], [p, device])}"
+    resumed = sorted(work.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    if resumed:
+        log.info("resuming from %s (an earlier run with the same inputs was interrupted)", resumed[-1])
     for d in (OUT, LOGS):
         shutil.rmtree(d, ignore_errors=True)
-    cfg = engine.dpo_config("models/base", "data/trainset/train.jsonl", OUT, device, p)
+    cfg = engine.dpo_config("models/base", "data/trainset/train.jsonl", work, device, p)
     cfg_path = engine.write_config(cfg, LOGS / "dpo.yaml")
     log.info("DPO (%s, loss %s, beta %s): %d steps, warmup %d, global batch %d, lr %g on %s (engine log: %s)",
              p["fine_tuning"], p["loss_type"], p["beta"], p["max_steps"], p["warmup_steps"], p["global_batch_size"],
              p["learning_rate"], device, LOGS / "engine.log")
     last = {}
     start = time.time()
-    with Live(dir="metrics/dvclive", dvcyaml=None, save_dvc_exp=False, report=None) as live, \
+    with Live(dir="metrics/dvclive", dvcyaml=None, save_dvc_exp=False, report=None, resume=bool(resumed)) as live, \
             tqdm(total=p["max_steps"], desc="DPO", unit="step") as bar:
         def on_step(s):
             live.step = s["global_step"]
@@ -51,6 +59,12 @@ def main():
         engine.run(engine.launch_command("train", cfg_path, device), LOGS / "engine.log", on_step)
     if not last:
         sys.exit(f"train: the engine logged no training step; see {LOGS / 'engine.log'}")
+    # the finished model (not the checkpoints) becomes the DVC output; the work folder is no longer needed
+    OUT.mkdir(parents=True)
+    for f in work.iterdir():
+        if not f.name.startswith("checkpoint-"):
+            f.rename(OUT / f.name)
+    shutil.rmtree(work)
     final = {k.replace("/", "_"): round(v, 5) for k, v in last.items() if k in CURVES or k == "global_step"}
     final["seconds"] = round(time.time() - start, 1)
     write_json("metrics/train.json", {"train": final})

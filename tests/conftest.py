@@ -65,3 +65,26 @@ class StageRunner:
 @pytest.fixture
 def run_stage(tmp_path):
     return StageRunner(copy_repo(tmp_path / "repo"))
+
+
+@pytest.fixture(scope="session")
+def sample_records():
+    from ernie_dpo.data import load_sharegpt, prepare_records
+
+    kept, _, _ = prepare_records(load_sharegpt(ROOT / "data/sample/sharegpt_dpo_sample.json"))
+    return kept
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, sample_records):
+    """A tiny ERNIE-4.5 model after a 10-step warm-up on the real engine: enough for code paths, not for answers."""
+    from ernie_dpo import engine, tiny
+    from ernie_dpo.common import write_jsonl
+
+    root = tmp_path_factory.mktemp("tiny")
+    tiny.train_tokenizer(tiny.corpus_texts(sample_records), root / "init", 600)
+    tiny.build_random_model(root / "init", 600, 64, 1, 4, 2, seed=1)
+    write_jsonl(root / "sft.jsonl", tiny.sft_records(sample_records[:80]))
+    cfg = engine.sft_config(root / "init", root / "sft.jsonl", root / "base", "cpu", 1, 128, 10, 3e-3, 8)
+    engine.run(engine.launch_command("train", engine.write_config(cfg, root / "sft.yaml"), "cpu"), root / "sft.log")
+    return root / "base"

@@ -64,7 +64,6 @@ def test_duplicates_are_counted_and_ids_are_stable_content_hashes():
     (b'{"conversations": []}', "expected a JSON list"),
     (b'[{"a": 1}, 7]', "record 1 is a JSON int"),
     (b'["x"]', "record 0 is a JSON str"),
-    (b'[{"chosen": "\xff\xfe"}]', "not UTF-8"),
 ])
 def test_unusable_files_stop_with_file_record_and_reason(tmp_path, content, message):
     path = tmp_path / "raw.json"

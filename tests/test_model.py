@@ -1,13 +1,10 @@
 """The model half on the real engine (PaddleFormers) with a tiny ERNIE-4.5 model: DPO, merge, resumable generation."""
-import json
-import shutil
-
 import numpy as np
 import pytest
 
-from ernie_dpo import engine, tiny
+from ernie_dpo import engine
 from ernie_dpo.common import read_jsonl, write_jsonl
-from ernie_dpo.data import load_sharegpt, prepare_records, to_messages
+from ernie_dpo.data import to_messages
 from ernie_dpo.generate import generate_all
 
 TRAIN = dict(max_steps=3, warmup_steps=1, global_batch_size=4, learning_rate=1e-3, fine_tuning="lora",
@@ -15,21 +12,13 @@ TRAIN = dict(max_steps=3, warmup_steps=1, global_batch_size=4, learning_rate=1e-
 
 
 @pytest.fixture(scope="module")
-def records():
-    kept, _, _ = prepare_records(load_sharegpt("data/sample/sharegpt_dpo_sample.json"))
-    return kept
+def base(tiny_base):
+    return tiny_base
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, records):
-    """A tiny model after a 10-step warm-up: enough for the code paths, not for good answers."""
-    root = tmp_path_factory.mktemp("tiny")
-    tiny.train_tokenizer(tiny.corpus_texts(records), root / "init", 600)
-    tiny.build_random_model(root / "init", 600, 64, 1, 4, 2, seed=1)
-    write_jsonl(root / "sft.jsonl", tiny.sft_records(records[:80]))
-    cfg = engine.sft_config(root / "init", root / "sft.jsonl", root / "base", "cpu", 1, 128, 10, 3e-3, 8)
-    engine.run(engine.launch_command("train", engine.write_config(cfg, root / "sft.yaml"), "cpu"), root / "sft.log")
-    return root / "base"
+def records(sample_records):
+    return sample_records
 
 
 @pytest.fixture(scope="module")

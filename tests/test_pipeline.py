@@ -138,3 +138,10 @@ def test_changing_warmup_reruns_only_train_and_what_follows(repo):
     assert "warmup360" in text and '"warmup_steps": 360' in text
     for key in ('"len_mean"', '"len_median_ci_low"', '"pairs_ratio_ge_2"', '"test_overlap"'):
         assert key in text
+
+
+def test_forced_rerun_of_the_data_stages_leaves_dvc_lock_unchanged(repo):
+    lock = (repo / "dvc.lock").read_bytes()
+    r = dvc("repro", "--force", "--single-item", "prepare", "analyze", "testset", "trainset", cwd=repo)
+    assert ran(r.stdout) == ["prepare", "analyze", "testset", "trainset"]
+    assert (repo / "dvc.lock").read_bytes() == lock  # same hashes: byte-identical outputs

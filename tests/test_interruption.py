@@ -1,0 +1,95 @@
+"""Kill real stage processes with a real signal, run the stage again, and check nothing is lost or redone."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import venv_env
+
+
+def start(root, args):
+    # own process group, so the kill reaches the engine subprocess too (as Ctrl-C or a scheduler would)
+    return subprocess.Popen([sys.executable, *args], cwd=root, env=venv_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def kill_when(proc, condition, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the process ended before it could be interrupted:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("the condition to interrupt on never came")
+
+
+@pytest.fixture
+def repo(run_stage, tiny_base):
+    """A repo copy with the tiny model as models/base and a 12-prompt test set."""
+    shutil.copytree(tiny_base, run_stage.root / "models/base")
+    run_stage.set_param("testset.size", 12)
+    run_stage.set_param("infer.batch_size", 2)
+    run_stage.set_param("infer.max_dec_len", 24)
+    run_stage("prepare")
+    run_stage("testset")
+    return run_stage
+
+
+def test_killed_inference_resumes_without_regenerating(repo):
+    root = repo.root
+    partial = root / "data/infer/partial"
+    lines = lambda: sum(f.read_text().count("\n") for f in partial.glob("*.jsonl")) if partial.exists() else 0
+    proc = start(root, ["stages/infer.py", "--model", "models/base", "--out", "data/infer/baseline.jsonl"])
+    kill_when(proc, lambda: lines() >= 2)  # killed after its first batch, mid-run
+    done_before = lines()
+    assert 2 <= done_before < 12 and not (root / "data/infer/baseline.jsonl").exists()
+
+    r = repo("infer", args=["--model", "models/base", "--out", "data/infer/baseline.jsonl"])
+    assert f"resuming: {done_before} of 12 prompts already answered" in r.stderr
+    out = [json.loads(x) for x in (root / "data/infer/baseline.jsonl").read_text().splitlines()]
+    test_ids = [json.loads(x)["id"] for x in (root / "data/testset/testset.jsonl").read_text().splitlines()]
+    assert [o["id"] for o in out] == test_ids  # complete, in test-set order, each prompt once
+    assert all(o["messages"][-1]["role"] == "assistant" and o["finish_reason"] in ("eos", "length") for o in out)
+
+    # the same as a run that was never interrupted
+    shutil.rmtree(partial)
+    repo("infer", args=["--model", "models/base", "--out", "data/infer/fresh.jsonl"])
+    assert (root / "data/infer/fresh.jsonl").read_text() == (root / "data/infer/baseline.jsonl").read_text()
+
+
+def test_killed_training_resumes_from_its_checkpoint(repo):
+    root = repo.root
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics/baseline.json").write_text('{"baseline": {"len_mean": 50}}')  # trainset needs it only for near_baseline
+    repo("trainset")
+    for key, value in {"train.max_steps": 40, "train.warmup_steps": 1, "train.save_steps": 5, "train.global_batch_size": 8,
+                       "train.fine_tuning": "lora", "train.learning_rate": 1e-3, "train.max_seq_len": 128,
+                       "train.max_prompt_len": 64}.items():
+        repo.set_param(key, value)
+    # the engine writes a checkpoint's trainer state after its weights, optimizer, scheduler and RNG state
+    ckpt = lambda: list((root / "checkpoints").glob("train-*/checkpoint-*/trainer_state.bin"))
+    (root / "checkpoints").mkdir()
+    proc = start(root, ["stages/train.py"])
+    kill_when(proc, lambda: bool(ckpt()))  # killed right after its first checkpoint
+    assert not (root / "models/train").exists()
+
+    r = repo("train")
+    assert "resuming from checkpoints/train-" in r.stderr
+    log = (root / "logs/train/engine.log").read_text()
+    assert "Checkpoint detected, resuming training" in log
+    assert "global_step: 1," not in log  # the resumed run did not start over
+    assert "global_step: 40," in log
+    assert (root / "models/train/lora_config.json").exists() and not any((root / "models/train").glob("checkpoint-*"))
+    assert json.loads((root / "metrics/train.json").read_text())["train"]["global_step"] == 40
+    assert not list((root / "checkpoints").iterdir())  # the work folder is removed once the model is out
+
+
