@@ -28,10 +28,16 @@ def ran(output):
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
 
 
-def compose(repo, out):
+def compose(repo, out, overrides=()):
+    """params.yaml as `dvc exp run` composes it from conf/ (DVC's own Hydra helper)."""
     code = ("from pathlib import Path; from dvc.utils.hydra import compose_and_dump; "
-            f"compose_and_dump(Path({str(out)!r}), str(Path('conf').resolve()), None, 'config', '.', [])")
+            f"compose_and_dump(Path({str(out)!r}), str(Path('conf').resolve()), None, 'config', '.', {list(overrides)!r})")
     sh([sys.executable, "-c", code], repo)
+
+
+def commit_all(repo, message):
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, "--allow-empty"], repo)
 
 
 def test_committed_params_yaml_is_the_composed_demo_profile(tmp_path):
@@ -47,10 +53,7 @@ def test_committed_lock_matches_the_code_and_params():
 
 
 def test_cookbook_profile_composes_with_the_recipe_values(tmp_path):
-    code = ("from pathlib import Path; from dvc.utils.hydra import compose_and_dump; "
-            f"compose_and_dump(Path({str(tmp_path / 'p.yaml')!r}), str(Path('conf').resolve()), None, 'config', '.', "
-            "['profile=cookbook', 'train.warmup_steps=360'])")
-    sh([sys.executable, "-c", code], ROOT)
+    compose(ROOT, tmp_path / "p.yaml", ["profile=cookbook", "train.warmup_steps=360"])
     p = yaml.safe_load((tmp_path / "p.yaml").read_text())
     assert p["model"]["name_or_path"] == "baidu/ERNIE-4.5-0.3B-Paddle" and p["engine"]["device"] == "gpu"
     assert p["testset"] == {"size": 200, "seed": 2025, "keep_system": False}
@@ -72,13 +75,10 @@ def repo(tmp_path_factory):
     demo.write_text("# @package _global_\n" + yaml.safe_dump(cfg, sort_keys=False))
     compose(repo, repo / "params.yaml")
     sh(["git", "init", "-q"], repo)
-    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", "--allow-empty"], repo)
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "code"], repo)
+    commit_all(repo, "code")
     r = dvc("repro", cwd=repo)
     assert ran(r.stdout) == STAGES
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro", "--allow-empty"], repo)
+    commit_all(repo, "repro")
     return repo
 
 
@@ -119,11 +119,9 @@ def test_param_changes_are_never_answered_from_a_stale_run_cache(tmp_path):
     """Regression: with `params: [testset]` (a whole section) DVC restored a run with other values from its run cache."""
     repo = copy_repo(tmp_path / "repo")
     sh(["git", "init", "-q"], repo)
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "code"], repo)
+    commit_all(repo, "code")
     dvc("repro", "testset", cwd=repo)
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro", "--allow-empty"], repo)
+    commit_all(repo, "repro")
     for size in (17, 19, 17):
         dvc("exp", "run", "-S", f"testset.size={size}", "testset", cwd=repo)
         lines = (repo / "data/testset/testset.jsonl").read_text().splitlines()
