@@ -241,7 +241,9 @@ def make_testset(records, size, seed, keep_system):
     Records that repeat an earlier record's prompt (same conversation, other answers) are skipped, so the test set
     never asks the same question twice.
     """
-    distinct = list({prompt_key(r): r for r in reversed(records)}.values())[::-1]  # first record of each prompt
+    # the first record of each prompt (built from the end so earlier records win; the resulting order, by each
+    # prompt's last occurrence, is arbitrary but fixed, and the seeded sample below depends on it)
+    distinct = list({prompt_key(r): r for r in reversed(records)}.values())[::-1]
     if size > len(distinct):
         raise DataError(f"testset.size is {size} but the prepared data has only {len(distinct)} distinct prompts "
                         f"({len(records)} records)")

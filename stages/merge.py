@@ -15,7 +15,7 @@ OUT = Path("models/merged")
 
 def link_tree(src, dst):
     for f in Path(src).rglob("*"):
-        if f.is_file() and "checkpoint-" not in str(f.relative_to(src)):
+        if f.is_file():
             target = dst / f.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
             try:

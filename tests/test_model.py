@@ -12,34 +12,24 @@ TRAIN = dict(max_steps=3, warmup_steps=1, global_batch_size=4, learning_rate=1e-
 
 
 @pytest.fixture(scope="module")
-def base(tiny_base):
-    return tiny_base
-
-
-@pytest.fixture(scope="module")
-def records(sample_records):
-    return sample_records
-
-
-@pytest.fixture(scope="module")
-def dpo_data(tmp_path_factory, records):
+def dpo_data(tmp_path_factory, sample_records):
     path = tmp_path_factory.mktemp("dpo") / "train.jsonl"
-    write_jsonl(path, records[:16])
+    write_jsonl(path, sample_records[:16])
     return path
 
 
-def test_tokenizer_and_chat_template_load_like_the_real_model(base):
+def test_tokenizer_and_chat_template_load_like_the_real_model(tiny_base):
     from paddleformers.transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(base))
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|begin_of_sentence|>User: Hi\nAssistant: "
     assert tok.eos_token_id == 2 and tok.convert_tokens_to_ids("<|end_of_sentence|>") not in (None, tok.unk_token_id)
 
 
-def test_lora_dpo_logs_every_step_and_writes_an_adapter(base, dpo_data, tmp_path):
+def test_lora_dpo_logs_every_step_and_writes_an_adapter(tiny_base, dpo_data, tmp_path):
     out = tmp_path / "train"
-    cfg_path = engine.write_config(engine.dpo_config(base, dpo_data, out, "cpu", TRAIN), tmp_path / "dpo.yaml")
+    cfg_path = engine.write_config(engine.dpo_config(tiny_base, dpo_data, out, "cpu", TRAIN), tmp_path / "dpo.yaml")
     steps = []
     engine.run(engine.launch_command("train", cfg_path, "cpu"), tmp_path / "engine.log", steps.append)
     assert [s["global_step"] for s in steps] == [1, 2, 3]
@@ -50,15 +40,15 @@ def test_lora_dpo_logs_every_step_and_writes_an_adapter(base, dpo_data, tmp_path
     assert "global_step: 3" in (tmp_path / "engine.log").read_text()
 
 
-def test_merge_gives_the_same_logits_as_base_plus_adapter(base, dpo_data, tmp_path):
+def test_merge_gives_the_same_logits_as_base_plus_adapter(tiny_base, dpo_data, tmp_path):
     import paddle
     from paddleformers.peft import LoRAModel
     from paddleformers.transformers import AutoModelForCausalLM
 
     out = tmp_path / "train"
-    cfg = engine.dpo_config(base, dpo_data, out, "cpu", {**TRAIN, "max_steps": 2, "learning_rate": 5e-3})
+    cfg = engine.dpo_config(tiny_base, dpo_data, out, "cpu", {**TRAIN, "max_steps": 2, "learning_rate": 5e-3})
     engine.run(engine.launch_command("train", engine.write_config(cfg, tmp_path / "d.yaml"), "cpu"), tmp_path / "log")
-    engine.merge_lora(base, out, tmp_path / "merged", "cpu")
+    engine.merge_lora(tiny_base, out, tmp_path / "merged", "cpu")
 
     x = paddle.to_tensor([[5, 20, 30, 40, 50, 60, 70]])
 
@@ -68,17 +58,17 @@ def test_merge_gives_the_same_logits_as_base_plus_adapter(base, dpo_data, tmp_pa
             o = model(input_ids=x)
         return (o[0] if isinstance(o, tuple) else o.logits).numpy()
 
-    adapter = logits(LoRAModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype="float32"), str(out)))
+    adapter = logits(LoRAModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype="float32"), str(out)))
     merged = logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype="float32"))
-    plain = logits(AutoModelForCausalLM.from_pretrained(str(base), dtype="float32"))
+    plain = logits(AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype="float32"))
     assert np.abs(merged - adapter).max() < 1e-4
     assert np.abs(merged - plain).max() > 1e-3  # the adapter really changed the model
     assert (tmp_path / "merged" / "tokenizer_config.json").exists()
 
 
-def test_full_dpo_runs_in_one_cpu_process(base, dpo_data, tmp_path):
+def test_full_dpo_runs_in_one_cpu_process(tiny_base, dpo_data, tmp_path):
     out = tmp_path / "full"
-    cfg = engine.dpo_config(base, dpo_data, out, "cpu", {**TRAIN, "fine_tuning": "full", "max_steps": 2,
+    cfg = engine.dpo_config(tiny_base, dpo_data, out, "cpu", {**TRAIN, "fine_tuning": "full", "max_steps": 2,
                                                           "learning_rate": 1e-5})
     steps = []
     engine.run(engine.launch_command("train", engine.write_config(cfg, tmp_path / "f.yaml"), "cpu"), tmp_path / "l",
@@ -93,10 +83,10 @@ def test_engine_failure_raises_with_the_log_tail(tmp_path):
         engine.run(engine.launch_command("train", cfg, "cpu"), tmp_path / "bad.log")
 
 
-def test_generation_resumes_after_an_interruption(base, records, tmp_path):
-    tests = [{"id": r["id"], "messages": to_messages(r, False)} for r in records[:6]]
+def test_generation_resumes_after_an_interruption(tiny_base, sample_records, tmp_path):
+    tests = [{"id": r["id"], "messages": to_messages(r, False)} for r in sample_records[:6]]
     kwargs = dict(top_p=0.7, temperature=0.7, max_dec_len=12, batch_size=2, seed=5, device="cpu")
-    full = generate_all(tests, tmp_path / "full.jsonl", base, **kwargs)
+    full = generate_all(tests, tmp_path / "full.jsonl", tiny_base, **kwargs)
     assert [r["id"] for r in full] == [t["id"] for t in tests]
     assert all(r["messages"][-1] == {"role": "assistant", "content": r["reply"]} for r in full)
     assert all(r["finish_reason"] in ("eos", "length") and 0 <= r["tokens"] <= 12 for r in full)
@@ -104,7 +94,7 @@ def test_generation_resumes_after_an_interruption(base, records, tmp_path):
     # an interrupted run: the first batch written, then a line torn by the kill
     lines = (tmp_path / "full.jsonl").read_text().splitlines(True)
     (tmp_path / "cut.jsonl").write_text("".join(lines[:2]) + lines[2][:15])
-    resumed = generate_all(tests, tmp_path / "cut.jsonl", base, **kwargs)
+    resumed = generate_all(tests, tmp_path / "cut.jsonl", tiny_base, **kwargs)
     assert resumed == full  # same seeds per batch: the resumed run writes what the uninterrupted one did
     assert len(read_jsonl(tmp_path / "cut.jsonl")) == 6
 
