@@ -261,6 +261,18 @@ def training_pool(records, test_ids, test_prompt_keys):
     return [r for r in records if r["id"] not in test_ids and prompt_key(r) not in test_prompt_keys]
 
 
+def pool_outside(records, tests):
+    """(pool, test ids, test prompt keys): the records that share neither id nor prompt with the test set."""
+    by_id = {r["id"]: r for r in records}
+    test_ids = {t["id"] for t in tests}
+    missing = test_ids - by_id.keys()
+    if missing:
+        raise DataError(f"{len(missing)} test prompts are not in the prepared data (e.g. {sorted(missing)[0]}); "
+                        "rerun the testset stage")
+    test_keys = {prompt_key(by_id[i]) for i in test_ids}
+    return training_pool(records, test_ids, test_keys), test_ids, test_keys
+
+
 def select_pairs(pool, strategy, min_ratio, baseline_mean=None, tolerance=None):
     """Filter the pool by the recipe's strategies.
 

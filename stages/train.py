@@ -6,12 +6,19 @@ newest checkpoint-N in its output folder); a run with any other input starts afr
 
 Outputs: models/train (LoRA adapter or full model), logs/train/dpo.yaml (the exact engine config: rerun it by hand with
 `paddleformers-cli train logs/train/dpo.yaml` on a GPU, `python -m ernie_dpo.engine train logs/train/dpo.yaml` on a
-CPU), logs/train/engine.log, metrics/train.json (final values) and metrics/dvclive/ (per-step curves).
+CPU), logs/train/engine.log, metrics/train.json (final values), metrics/dvclive/ (per-step curves) and
+metrics/plots/dpo_curves.png.
 """
+import csv
 import shutil
 import sys
 import time
 from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dvclive import Live  # noqa: E402
@@ -24,6 +31,23 @@ log = get_logger("train")
 OUT, LOGS = Path("models/train"), Path("logs/train")
 CURVES = ("loss", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
           "logps/chosen", "logps/rejected")
+
+
+def plot_curves(live_dir, title, path):
+    """loss, reward margin and reward accuracy per step, read back from DVCLive's files (a resumed run included)."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, name in zip(axes, ("loss", "rewards/margins", "rewards/accuracies")):
+        tsv = Path(live_dir) / "plots/metrics" / f"{name}.tsv"
+        with open(tsv, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        col = name.split("/")[-1]
+        ax.plot([int(r["step"]) for r in rows], [float(r[col]) for r in rows], marker=".")
+        ax.set(title=f"DPO {name}", xlabel="step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
 
 
 def main():
@@ -67,7 +91,9 @@ def main():
     shutil.rmtree(work)
     final = {k.replace("/", "_"): round(v, 5) for k, v in last.items() if k in CURVES or k == "global_step"}
     final["seconds"] = round(time.time() - start, 1)
-    write_json("metrics/train.json", {"train": final})
+    write_json("metrics/train.json", {"dpo": final})  # "dpo", not "train": params own train.*
+    plot_curves("metrics/dvclive", f"{params['model']['name_or_path']}: {p['fine_tuning']}, {p['max_steps']} steps, "
+                f"warmup {p['warmup_steps']}, batch {p['global_batch_size']}", "metrics/plots/dpo_curves.png")
     log.info("done: step %d, loss %.4f, reward margin %.3f, accuracy %.2f (%.0f s)", last["global_step"], last["loss"],
              last.get("rewards/margins", float("nan")), last.get("rewards/accuracies", float("nan")), final["seconds"])
 

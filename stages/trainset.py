@@ -4,8 +4,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo.common import get_logger, load_params, read_json, read_jsonl, write_json, write_jsonl  # noqa: E402
-from ernie_dpo.data import (DataError, chosen_text, prompt_key, rejected_text, sample_down,  # noqa: E402
-                            select_pairs, training_pool)
+from ernie_dpo.data import (DataError, chosen_text, pool_outside, prompt_key, rejected_text,  # noqa: E402
+                            sample_down, select_pairs)
 
 log = get_logger("trainset")
 
@@ -14,10 +14,10 @@ def main():
     p = load_params()["trainset"]
     records = read_jsonl("data/prepared/dpo.jsonl")
     test = read_jsonl("data/testset/testset.jsonl")
-    test_ids = {t["id"] for t in test}
-    by_id = {r["id"]: r for r in records}
-    test_keys = {prompt_key(by_id[i]) for i in test_ids}
-    pool = training_pool(records, test_ids, test_keys)
+    try:
+        pool, test_ids, test_keys = pool_outside(records, test)
+    except DataError as e:
+        sys.exit(f"trainset: {e}")
 
     baseline_mean = None
     if p["strategy"] == "near_baseline":

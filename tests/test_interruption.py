@@ -89,7 +89,7 @@ def test_killed_training_resumes_from_its_checkpoint(repo):
     assert "global_step: 1," not in log  # the resumed run did not start over
     assert "global_step: 40," in log
     assert (root / "models/train/lora_config.json").exists() and not any((root / "models/train").glob("checkpoint-*"))
-    assert json.loads((root / "metrics/train.json").read_text())["train"]["global_step"] == 40
+    assert json.loads((root / "metrics/train.json").read_text())["dpo"]["global_step"] == 40
     assert not list((root / "checkpoints").iterdir())  # the work folder is removed once the model is out
 
 

@@ -9,8 +9,8 @@ import yaml
 
 from conftest import ROOT, copy_repo, venv_env
 
-STAGES = ["prepare", "analyze", "testset", "base_model", "infer_baseline", "evaluate_baseline", "trainset", "train",
-          "merge", "infer_tuned", "evaluate_tuned"]
+STAGES = ["prepare", "analyze", "testset", "base_model", "infer_baseline", "evaluate_baseline", "probe_baseline",
+          "trainset", "train", "merge", "infer_tuned", "evaluate_tuned", "probe_tuned"]
 
 
 def sh(args, cwd, check=True):
@@ -72,6 +72,7 @@ def repo(tmp_path_factory):
     cfg["infer"].update(max_dec_len=48, batch_size=6)
     cfg["train"].update(max_steps=4, warmup_steps=1)
     cfg["model"]["tiny"] = {"warmup_steps": 30}
+    cfg["probes"] = {"samples": 1}
     demo.write_text("# @package _global_\n" + yaml.safe_dump(cfg, sort_keys=False))
     compose(repo, repo / "params.yaml")
     sh(["git", "init", "-q"], repo)
@@ -85,17 +86,19 @@ def repo(tmp_path_factory):
 def test_repro_writes_every_metric_and_keeps_test_prompts_out(repo):
     m = {f: json.loads((repo / "metrics" / f).read_text()) for f in
          ("prepare.json", "data.json", "testset.json", "base_model.json", "baseline.json", "trainset.json",
-          "train.json", "tuned.json")}
+          "train.json", "tuned.json", "probes_baseline.json", "probes_tuned.json")}
     assert m["prepare.json"]["prepare"]["records_read"] == 480
     assert m["testset.json"]["testset"]["prompts"] == 12
     assert m["trainset.json"]["trainset"]["test_overlap"] == 0
     assert m["baseline.json"]["baseline"]["replies"] == 12 and m["baseline.json"]["baseline"]["model"] == "tiny"
     assert set(m["tuned.json"]) == {"tuned", "delta"} and "len_median_ci_low" in m["tuned.json"]["delta"]
-    assert m["train.json"]["train"]["global_step"] == 4
+    assert m["train.json"]["dpo"]["global_step"] == 4
     loss = (repo / "metrics/dvclive/plots/metrics/loss.tsv").read_text().splitlines()
     assert loss[0].split("\t") == ["step", "loss"] and len(loss) == 5  # header + one row per step
     assert (repo / "logs/train/dpo.yaml").exists() and "global_step: 4" in (repo / "logs/train/engine.log").read_text()
-    for png in ("data_lengths.png", "reply_lengths.png"):
+    assert m["probes_baseline.json"]["probes_baseline"]["replies"] == 28  # 28 probes x 1 sample
+    assert "retention" in m["probes_tuned.json"]["probes_tuned"]
+    for png in ("data_lengths.png", "reply_lengths.png", "dpo_curves.png"):
         assert (repo / "metrics/plots" / png).read_bytes()[:4] == b"\x89PNG"
     assert (repo / "models/merged/config.json").exists()
     # every metric key is unique across files, so `dvc exp show` columns never collide
@@ -143,3 +146,60 @@ def test_forced_rerun_of_the_data_stages_leaves_dvc_lock_unchanged(repo):
     r = dvc("repro", "--force", "--single-item", "prepare", "analyze", "testset", "trainset", cwd=repo)
     assert ran(r.stdout) == ["prepare", "analyze", "testset", "trainset"]
     assert (repo / "dvc.lock").read_bytes() == lock  # same hashes: byte-identical outputs
+
+
+def experiments(shown):
+    """{name: {"params": {...}, "metrics": {...}}} from `dvc exp show --json`, nested dicts flattened to dotted keys."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    found = {}
+    for base in shown:
+        for exp in base.get("experiments") or []:
+            for rev in exp["revs"]:
+                data = rev["data"]
+                found[rev["name"]] = {
+                    "params": flat(data["params"]["params.yaml"]["data"]),
+                    "metrics": {k: v for f in data["metrics"].values() for k, v in flat(f["data"]).items()},
+                }
+    return found
+
+
+def test_series_runs_exp1_to_exp4_and_the_report_matches_dvc_exp_show(repo):
+    params_before = (repo / "params.yaml").read_text()
+    sh([sys.executable, "experiments/run_series.py"], repo)
+    exps = experiments(json.loads(dvc("exp", "show", "--json", cwd=repo).stdout))
+    assert {"exp1", "exp2", "exp3", "exp4"} <= exps.keys()
+    p = {n: exps[n]["params"] for n in ("exp1", "exp2", "exp3", "exp4")}
+    m = {n: exps[n]["metrics"] for n in ("exp1", "exp2", "exp3", "exp4")}
+    # the plan as the recipe has it, and no value leaking from one experiment into the next
+    assert p["exp1"]["trainset.strategy"] == "near_baseline" and p["exp2"]["trainset.strategy"] == "ratio"
+    assert m["exp2"]["trainset.pairs"] == m["exp1"]["trainset.pairs"] == p["exp2"]["trainset.size"]
+    assert p["exp1"]["train.warmup_steps"] == p["exp3"]["train.warmup_steps"] == 1  # the profile's, not exp4's
+    assert p["exp4"]["train.max_steps"] == 2 * p["exp3"]["train.max_steps"]
+    assert p["exp4"]["train.warmup_steps"] == max(1, int(0.1 * p["exp4"]["train.max_steps"]))
+    assert all(m[n]["trainset.test_overlap"] == 0 for n in m)
+    assert all(m[n]["dpo.global_step"] == p[n]["train.max_steps"] for n in m)
+    assert (repo / "params.yaml").read_text() == params_before  # queued runs leave the workspace alone
+
+    # every number in the report's table is the one `dvc exp show` has
+    report = (repo / "metrics/report.md").read_text().split("For comparison")[0]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in report.splitlines() if line.startswith("| exp"))}
+    assert list(rows) == ["exp0", "exp1", "exp2", "exp3", "exp4"]
+    assert rows["exp0"][3:5] == [f"{m['exp1']['baseline.len_mean']:.1f}", f"{m['exp1']['baseline.len_median']:.1f}"]
+    for n in m:
+        assert rows[n][3:5] == [f"{m[n]['tuned.len_mean']:.1f}", f"{m[n]['tuned.len_median']:.1f}"]
+        assert rows[n][5].startswith(f"{m[n]['delta.len_mean']:+.1f} [")
+        assert rows[n][8] == f"{m[n]['probes_tuned.retention']:.2f}"
+        assert f"{int(m[n]['trainset.pairs'])} pairs" in rows[n][1]
+    for png in ("experiments.png", "dpo_curves.png", "reply_lengths.png"):
+        assert (repo / "metrics/plots" / png).read_bytes()[:4] == b"\x89PNG"
+
+    # DVC's own comparison tools work between two experiments
+    diff = json.loads(dvc("metrics", "diff", "exp2", "exp4", "--json", cwd=repo).stdout)
+    assert diff["metrics/tuned.json"]["tuned.len_mean"]["new"] == m["exp4"]["tuned.len_mean"]
+    plots = dvc("plots", "diff", "exp2", "exp4", "--json", cwd=repo)
+    assert "reply_lengths" in plots.stdout and "exp4" in plots.stdout and "dpo_curves" in plots.stdout

@@ -1,0 +1,53 @@
+"""probe: the forgetting check. One model answers the fixed probes (same sampling as infer); the checks are scored.
+
+    python stages/probe.py --name baseline --model models/base
+    python stages/probe.py --name tuned --model models/merged    # also writes retention = tuned / baseline pass rate
+
+Each probe is asked probes.samples times. Writes data/probes/<name>.jsonl (every reply with pass/fail) and
+metrics/probes_<name>.json. Progress is resumable like infer (data/infer/partial/probes_<name>-<key>.jsonl).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ernie_dpo.common import fingerprint, get_logger, load_params, read_json, write_json, write_jsonl  # noqa: E402
+from ernie_dpo.generate import generate_all  # noqa: E402
+from ernie_dpo.probes import ProbeError, expand, load_probes, retention, score  # noqa: E402
+
+log = get_logger("probe")
+PROBES = "data/probes/probes.jsonl"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", required=True, choices=["baseline", "tuned"])
+    ap.add_argument("--model", required=True)
+    args = ap.parse_args()
+    params = load_params()
+    p, samples, device = params["infer"], params["probes"]["samples"], params["engine"]["device"]
+    try:
+        probes = load_probes(PROBES)
+    except ProbeError as e:
+        sys.exit(f"probe: {e}")
+    asks = expand(probes, samples)
+    partial = Path("data/infer/partial") / f"probes_{args.name}-{fingerprint([args.model, PROBES], [p, samples, device])}.jsonl"
+    log.info("%d probes x %d samples, model %s, same sampling as infer (top_p %s, temperature %s, max_dec_len %d)",
+             len(probes), samples, args.model, p["top_p"], p["temperature"], p["max_dec_len"])
+    replies = generate_all(asks, partial, args.model, p["top_p"], p["temperature"], p["max_dec_len"], p["batch_size"],
+                           p["seed"], device)
+    metrics, rows = score(probes, replies)
+    metrics = {"model": params["model"]["name_or_path"], **metrics}
+    if args.name == "tuned":
+        base = read_json("metrics/probes_baseline.json")["probes_baseline"]
+        metrics["retention"] = retention(base["pass_rate"], metrics["pass_rate"])
+    write_jsonl(f"data/probes/{args.name}.jsonl", rows)
+    write_json(f"metrics/probes_{args.name}.json", {f"probes_{args.name}": metrics})
+    log.info("%s: %d of %d probe replies pass (%.0f%%)%s; by kind: %s", args.name, metrics["passed"],
+             metrics["replies"], 100 * metrics["pass_rate"],
+             f", retention {metrics['retention']} of the baseline's pass rate" if "retention" in metrics else "",
+             {k[len("pass_rate_"):]: v for k, v in metrics.items() if k.startswith("pass_rate_")})
+
+
+if __name__ == "__main__":
+    main()
