@@ -133,7 +133,7 @@ def test_param_changes_are_never_answered_from_a_stale_run_cache(tmp_path):
 
 def test_changing_warmup_reruns_only_train_and_what_follows(repo):
     r = dvc("exp", "run", "--temp", "-n", "warmup360", "-S", "train.warmup_steps=360", cwd=repo)
-    assert ran(r.stdout) == ["train", "merge", "infer_tuned", "evaluate_tuned"], r.stdout
+    assert ran(r.stdout) == ["train", "merge", "infer_tuned", "evaluate_tuned", "probe_tuned"], r.stdout
     shown = json.loads(dvc("exp", "show", "--json", cwd=repo).stdout)
     text = json.dumps(shown)
     assert "warmup360" in text and '"warmup_steps": 360' in text
