@@ -30,6 +30,65 @@ GPU_SETTINGS = {
 }
 
 
+class DeviceError(RuntimeError):
+    pass
+
+
+def check_device(device, devices="0"):
+    """Stop before any heavy work when engine.device is gpu and no usable GPU is there (named, with the way out)."""
+    if device not in ("cpu", "gpu"):
+        raise DeviceError(f"engine.device must be 'cpu' or 'gpu', got {device!r}")
+    if device == "cpu":
+        return
+    import paddle
+
+    way_out = ("Install paddlepaddle-gpu for your CUDA (README: 'The real recipe on a GPU'), or run the offline demo "
+               "on this machine: `dvc exp run -S profile=demo` (tiny model, CPU).")
+    if not paddle.is_compiled_with_cuda():
+        raise DeviceError(f"engine.device is 'gpu' (profile cookbook?) but the installed PaddlePaddle "
+                          f"{paddle.__version__} is a CPU-only build. {way_out}")
+    found = paddle.device.cuda.device_count()
+    if found == 0:
+        raise DeviceError(f"engine.device is 'gpu' but no CUDA GPU is visible (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}). {way_out}")
+    wanted = [int(d) for d in str(devices).split(",")]
+    if max(wanted) >= found:
+        raise DeviceError(f"engine.devices is {devices!r} but only {found} GPU(s) are visible (ids 0-{found - 1})")
+
+
+def parallel_settings(device, devices, nnodes, global_batch_size, tensor_parallel, sharding_parallel, sharding_stage):
+    """Engine YAML keys for training on len(devices) x nnodes processes: data, sharding and tensor parallelism.
+
+    world = devices per node x nodes. tensor_parallel splits each layer over that many devices; the remaining
+    world / tensor_parallel ranks see different data (data parallel), and sharding_parallel of them share optimizer
+    state (ZeRO-like `sharding_stage`: stage1 | stage2 | stage3). The global batch is split evenly over the
+    data ranks. One device: no keys (the engine's single-process defaults).
+    """
+    per_node = len(str(devices).split(","))
+    world = per_node * int(nnodes)
+    if device == "cpu" and world > 1:
+        raise ValueError("on a CPU the engine runs one process: keep engine.devices '0' and engine.nnodes 1")
+    if world == 1 and tensor_parallel == 1 and sharding_parallel == 1:
+        return {}
+    if world % tensor_parallel:
+        raise ValueError(f"engine.tensor_parallel {tensor_parallel} does not divide the {world} devices")
+    data_ranks = world // tensor_parallel
+    if data_ranks % sharding_parallel:
+        raise ValueError(f"engine.sharding_parallel {sharding_parallel} does not divide the {data_ranks} data ranks "
+                         f"({world} devices / tensor_parallel {tensor_parallel})")
+    if global_batch_size % data_ranks:
+        raise ValueError(f"train.global_batch_size {global_batch_size} is not a multiple of the {data_ranks} data "
+                         f"ranks ({world} devices / tensor_parallel {tensor_parallel})")
+    if sharding_stage not in ("stage1", "stage2", "stage3"):
+        raise ValueError(f"engine.sharding_stage must be stage1, stage2 or stage3, got {sharding_stage!r}")
+    return {
+        "tensor_model_parallel_size": int(tensor_parallel),
+        "sharding_parallel_size": int(sharding_parallel),
+        "sharding": sharding_stage,
+        "per_device_train_batch_size": global_batch_size // data_ranks,
+    }
+
+
 def device_settings(device):
     if device not in ("cpu", "gpu"):
         raise ValueError(f"engine.device must be 'cpu' or 'gpu', got {device!r}")
@@ -81,9 +140,10 @@ def sft_config(model, data_path, out_dir, device, seed, max_seq_len, max_steps, 
     return cfg
 
 
-def dpo_config(model, data_path, out_dir, device, p):
+def dpo_config(model, data_path, out_dir, device, p, e=None):
     """DPO with the train.* params `p` (max_steps, warmup_steps, global_batch_size, learning_rate, fine_tuning,
-    loss_type, beta, lora_rank, lora_alpha, seed, max_seq_len, max_prompt_len, save_steps)."""
+    loss_type, beta, lora_rank, lora_alpha, seed, max_seq_len, max_prompt_len, save_steps) and the engine.* params
+    `e` (devices, nnodes, tensor_parallel, sharding_parallel, sharding_stage) for more than one device."""
     if p["fine_tuning"] not in ("lora", "full"):
         raise ValueError(f"train.fine_tuning must be 'lora' or 'full', got {p['fine_tuning']!r}")
     cfg = _common(model, data_path, out_dir, device, p["seed"], p["max_seq_len"], p["max_steps"], p["warmup_steps"],
@@ -94,6 +154,9 @@ def dpo_config(model, data_path, out_dir, device, p):
         "loss_type": p["loss_type"],
         "beta": float(p["beta"]),
     })
+    if e is not None:
+        cfg.update(parallel_settings(device, e["devices"], e["nnodes"], int(p["global_batch_size"]),
+                                     int(e["tensor_parallel"]), int(e["sharding_parallel"]), e["sharding_stage"]))
     if p["fine_tuning"] == "lora":
         cfg.update({"fine_tuning": "LoRA", "lora": True, "lora_rank": int(p["lora_rank"]),
                     "lora_alpha": int(p["lora_alpha"])})
@@ -137,17 +200,27 @@ def write_config(cfg, path):
     return path
 
 
-def launch_command(command, cfg_path, device, devices="0"):
+def launch_command(command, cfg_path, device, devices="0", nnodes=1, env=None):
     """The argument list that runs `command` (train | export) on `cfg_path`.
 
-    gpu: PaddlePaddle's distributed launcher, as paddleformers-cli builds it (one process per listed device).
+    gpu: PaddlePaddle's distributed launcher, as paddleformers-cli builds it (one process per listed device). With
+    nnodes > 1 every node runs this same command with its own RANK; MASTER_ADDR / MASTER_PORT name node 0 (the
+    environment paddleformers-cli reads too).
     cpu: one process running this module, which starts the engine's launcher in-process.
     """
     if device == "gpu":
         from paddleformers.cli import launcher
 
-        return [sys.executable, "-m", "paddle.distributed.launch", "--log_dir", str(Path(cfg_path).parent / "dist_log"),
-                "--gpus", str(devices), "--run_mode=collective", launcher.__file__, command, str(cfg_path)]
+        cmd = [sys.executable, "-m", "paddle.distributed.launch", "--log_dir", str(Path(cfg_path).parent / "dist_log"),
+               "--gpus", str(devices)]
+        if int(nnodes) > 1:
+            env = os.environ if env is None else env
+            if not env.get("MASTER_ADDR"):
+                raise ValueError(f"engine.nnodes is {nnodes}: set MASTER_ADDR (node 0's address), MASTER_PORT and "
+                                 "RANK (0 on node 0, 1..n-1 on the others) on every node")
+            cmd += ["--master", f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '8080')}", "--nnodes", str(nnodes),
+                    "--rank", str(env.get("RANK", "0"))]
+        return cmd + ["--run_mode=collective", launcher.__file__, command, str(cfg_path)]
     return [sys.executable, "-m", "ernie_dpo.engine", command, str(cfg_path)]
 
 

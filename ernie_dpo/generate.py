@@ -113,3 +113,21 @@ def generate_all(tests, out_path, model_dir, top_p, temperature, max_dec_len, ba
                 os.fsync(f.fileno())
                 bar.update(len(batch))
     return [done[t["id"]] for t in tests]
+
+
+def answer_all(tests, out_path, model_dir, role, params):
+    """Answer `tests` with the backend params["infer"]["backend"] names: "local" samples with the model directory
+    here; "openai" sends the prompts to the server infer.openai.<role>_url (role: baseline | tuned), which must be
+    serving that same model directory. Same records and resume behaviour either way."""
+    p, device = params["infer"], params["engine"]["device"]
+    if p["backend"] == "local":
+        return generate_all(tests, out_path, model_dir, p["top_p"], p["temperature"], p["max_dec_len"],
+                            p["batch_size"], p["seed"], device)
+    if p["backend"] == "openai":
+        from . import served
+
+        o = p["openai"]
+        return served.generate_all(tests, out_path, o[f"{role}_url"], o["model"], p["top_p"], p["temperature"],
+                                   p["max_dec_len"], p["seed"], o["concurrency"], o["timeout_s"], o["max_retries"],
+                                   api_key=os.environ.get(o["api_key_env"]))
+    raise ValueError(f"infer.backend must be 'local' or 'openai', got {p['backend']!r}")

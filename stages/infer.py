@@ -2,6 +2,9 @@
 
     python stages/infer.py --model models/base --out data/infer/baseline.jsonl
 
+infer.backend local samples here (batched); openai sends each prompt to the OpenAI-compatible server named by
+infer.openai.baseline_url / tuned_url (by the --out file's name), which must be serving --model.
+
 Progress is kept in data/infer/partial/<name>-<key>.jsonl, where <key> hashes the model weights, the test set and the
 infer params: an interrupted run resumes where it stopped, and a run with different inputs never reuses old replies.
 The finished file is then written to --out in test-set order.
@@ -12,7 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo.common import fingerprint, get_logger, load_params, read_jsonl, write_jsonl  # noqa: E402
-from ernie_dpo.generate import generate_all  # noqa: E402
+from ernie_dpo import engine  # noqa: E402
+from ernie_dpo.generate import answer_all  # noqa: E402
+from ernie_dpo.served import ServedError  # noqa: E402
 
 log = get_logger("infer")
 
@@ -24,13 +29,23 @@ def main():
     args = ap.parse_args()
     params = load_params()
     p, device = params["infer"], params["engine"]["device"]
+    role = Path(args.out).stem  # baseline | tuned: picks the server with infer.backend=openai
+    if p["backend"] == "local":
+        try:
+            engine.check_device(device, params["engine"]["devices"])
+        except engine.DeviceError as e:
+            sys.exit(f"infer: {e}")
     test_path = "data/testset/testset.jsonl"
     tests = read_jsonl(test_path)
     partial = Path("data/infer/partial") / f"{Path(args.out).stem}-{fingerprint([args.model, test_path], [p, device])}.jsonl"
-    log.info("%d prompts, model %s, top_p %s, temperature %s, max_dec_len %d, batch %d (progress: %s)", len(tests),
-             args.model, p["top_p"], p["temperature"], p["max_dec_len"], p["batch_size"], partial)
-    records = generate_all(tests, partial, args.model, p["top_p"], p["temperature"], p["max_dec_len"],
-                           p["batch_size"], p["seed"], device)
+    where = (f"model {args.model}, batch {p['batch_size']}" if p["backend"] == "local" else
+             f"server {p['openai'][role + '_url']} (serving {args.model}), {p['openai']['concurrency']} at a time")
+    log.info("%d prompts, %s, top_p %s, temperature %s, max_dec_len %d (progress: %s)", len(tests), where, p["top_p"],
+             p["temperature"], p["max_dec_len"], partial)
+    try:
+        records = answer_all(tests, partial, args.model, role, params)
+    except ServedError as e:
+        sys.exit(f"infer: {e}")
     write_jsonl(args.out, records)
     cut = sum(r["finish_reason"] == "length" for r in records)
     log.info("wrote %s: %d replies, mean %.1f chars, %d cut at max_dec_len", args.out, len(records),

@@ -4,7 +4,8 @@
     python stages/probe.py --name tuned --model models/merged    # also writes retention = tuned / baseline pass rate
 
 Each probe is asked probes.samples times. Writes data/probes/<name>.jsonl (every reply with pass/fail) and
-metrics/probes_<name>.json. Progress is resumable like infer (data/infer/partial/probes_<name>-<key>.jsonl).
+metrics/probes_<name>.json. Progress is resumable like infer (data/infer/partial/probes_<name>-<key>.jsonl), and
+infer.backend applies here too.
 """
 import argparse
 import sys
@@ -12,7 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo.common import fingerprint, get_logger, load_params, read_json, write_json, write_jsonl  # noqa: E402
-from ernie_dpo.generate import generate_all  # noqa: E402
+from ernie_dpo import engine  # noqa: E402
+from ernie_dpo.generate import answer_all  # noqa: E402
+from ernie_dpo.served import ServedError  # noqa: E402
 from ernie_dpo.probes import ProbeError, expand, load_probes, retention, score  # noqa: E402
 
 log = get_logger("probe")
@@ -26,6 +29,11 @@ def main():
     args = ap.parse_args()
     params = load_params()
     p, samples, device = params["infer"], params["probes"]["samples"], params["engine"]["device"]
+    if p["backend"] == "local":
+        try:
+            engine.check_device(device, params["engine"]["devices"])
+        except engine.DeviceError as e:
+            sys.exit(f"probe: {e}")
     try:
         probes = load_probes(PROBES)
     except ProbeError as e:
@@ -34,8 +42,10 @@ def main():
     partial = Path("data/infer/partial") / f"probes_{args.name}-{fingerprint([args.model, PROBES], [p, samples, device])}.jsonl"
     log.info("%d probes x %d samples, model %s, same sampling as infer (top_p %s, temperature %s, max_dec_len %d)",
              len(probes), samples, args.model, p["top_p"], p["temperature"], p["max_dec_len"])
-    replies = generate_all(asks, partial, args.model, p["top_p"], p["temperature"], p["max_dec_len"], p["batch_size"],
-                           p["seed"], device)
+    try:
+        replies = answer_all(asks, partial, args.model, args.name, params)
+    except ServedError as e:
+        sys.exit(f"probe: {e}")
     metrics, rows = score(probes, replies)
     metrics = {"model": params["model"]["name_or_path"], **metrics}
     if args.name == "tuned":

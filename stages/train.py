@@ -52,18 +52,29 @@ def plot_curves(live_dir, title, path):
 
 def main():
     params = load_params()
-    p, device = params["train"], params["engine"]["device"]
+    p, e, device = params["train"], params["engine"], params["engine"]["device"]
+    try:
+        engine.check_device(device, params["engine"]["devices"])
+    except engine.DeviceError as e:
+        sys.exit(f"train: {e}")
     if p["warmup_steps"] >= p["max_steps"]:  # valid for the engine, but the peak learning rate is never reached
         log.warning("warmup_steps (%d) >= max_steps (%d): the learning rate only ramps up, to %.0f%% of %g",
                     p["warmup_steps"], p["max_steps"], 100 * p["max_steps"] / p["warmup_steps"], p["learning_rate"])
-    work = Path("checkpoints") / f"train-{fingerprint(['models/base', 'data/trainset/train.jsonl'], [p, device])}"
+    work = Path("checkpoints") / f"train-{fingerprint(['models/base', 'data/trainset/train.jsonl'], [p, e])}"
     resumed = sorted(work.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
     if resumed:
         log.info("resuming from %s (an earlier run with the same inputs was interrupted)", resumed[-1])
     for d in (OUT, LOGS):
         shutil.rmtree(d, ignore_errors=True)
-    cfg = engine.dpo_config("models/base", "data/trainset/train.jsonl", work, device, p)
-    cfg_path = engine.write_config(cfg, LOGS / "dpo.yaml")
+    try:
+        cfg = engine.dpo_config("models/base", "data/trainset/train.jsonl", work, device, p, e)
+        cfg_path = engine.write_config(cfg, LOGS / "dpo.yaml")
+        cmd = engine.launch_command("train", cfg_path, device, e["devices"], e["nnodes"])
+    except ValueError as err:
+        sys.exit(f"train: {err}")
+    if int(e["nnodes"]) > 1:
+        log.info("node %s of %s; every other node runs the same launch with its own RANK: %s", cmd[cmd.index("--rank") + 1],
+                 e["nnodes"], " ".join(cmd))
     log.info("DPO (%s, loss %s, beta %s): %d steps, warmup %d, global batch %d, lr %g on %s (engine log: %s)",
              p["fine_tuning"], p["loss_type"], p["beta"], p["max_steps"], p["warmup_steps"], p["global_batch_size"],
              p["learning_rate"], device, LOGS / "engine.log")
@@ -80,7 +91,7 @@ def main():
             last.update(s)
             bar.set_postfix(loss=f"{s['loss']:.3f}", margin=f"{s.get('rewards/margins', 0):.2f}")
             bar.update(s["global_step"] - bar.n)
-        engine.run(engine.launch_command("train", cfg_path, device), LOGS / "engine.log", on_step)
+        engine.run(cmd, LOGS / "engine.log", on_step)
     if not last:
         sys.exit(f"train: the engine logged no training step; see {LOGS / 'engine.log'}")
     # the finished model (not the checkpoints) becomes the DVC output; the work folder is no longer needed
