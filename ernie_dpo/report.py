@@ -31,12 +31,31 @@ def _fmt(x, nd=1):
     return f"{x:.{nd}f}" if _num(x) else "—"
 
 
+def _unprefixed(row):
+    """exp_show prefixes a column with its file ("params.yaml:train.learning_rate") when two files share a key on
+    any listed commit (older commits may have used other metric names); give every value its plain key back,
+    a parameter winning over a metric."""
+    out = dict(row)
+    for key, value in row.items():
+        if ":" in key:
+            source, plain = key.split(":", 1)
+            if plain not in out or source == "params.yaml":
+                out[plain] = value
+    return out
+
+
 def find(rows, names):
-    """{name: row} for the named experiments (the newest row when a name appears twice)."""
-    found = {}
+    """{name: row} for the named experiments; each row gets "baseline_rev", the commit it was run on.
+
+    exp_show lists each commit's row followed by its experiments, newest commit first; when a name exists on several
+    commits the newest one wins (so the report still finds the series after the report itself was committed).
+    """
+    found, commit = {}, None
     for r in rows:
-        if r.get("Experiment") in names and r.get("typ") != "baseline" and r.get("tuned.len_mean") is not None:
-            found.setdefault(r["Experiment"], r)
+        if r.get("typ") == "baseline":
+            commit = r.get("rev")
+        elif r.get("Experiment") in names and r.get("tuned.len_mean") is not None:
+            found.setdefault(r["Experiment"], {**_unprefixed(r), "baseline_rev": commit})
     return found
 
 
@@ -57,9 +76,9 @@ def training_params(r):
 def table(rows, names):
     """(table rows, problems): exp0 from the shared baseline, then one row per named experiment in order."""
     found = find(rows, names)
-    problems = [f"{n}: no finished experiment of that name on this commit" for n in names if n not in found]
+    problems = [f"{n}: no finished experiment of that name" for n in names if n not in found]
     if not found:
-        raise ReportError("none of the experiments " + ", ".join(names) + " exists on this commit; "
+        raise ReportError("none of the experiments " + ", ".join(names) + " exists on the recent commits; "
                           "run `python experiments/run_series.py` first")
     baselines = {(r["baseline.len_mean"], r["baseline.len_median"]) for r in found.values()}
     if len(baselines) > 1:
@@ -82,9 +101,10 @@ def table(rows, names):
     return out, problems, first
 
 
-def render(rows, names, commit):
-    """metrics/report.md as text."""
+def render(rows, names, short_sha=lambda rev: str(rev)[:7]):
+    """metrics/report.md as text; short_sha turns exp_show's revs (a branch name for HEAD) into commits."""
     body, problems, first = table(rows, names)
+    commits = sorted({short_sha(r["baseline_rev"]) for r in find(rows, names).values()})
     model = first.get("model.name_or_path")
     label = ("the tiny demo model built offline (0.5 M parameters), NOT ERNIE-4.5-0.3B"
              if model == "tiny" else model)
@@ -94,7 +114,8 @@ def render(rows, names, commit):
         f"Model: **{label}**. Test set: {int(first['baseline.replies'])} prompts; reply lengths in characters "
         f"(lower is better, ↓). Sampling: top_p {first['infer.top_p']:g}, temperature {first['infer.temperature']:g}, "
         f"max_dec_len {int(first['infer.max_dec_len'])}.",
-        f"Built by `python experiments/report.py` from `dvc exp show` on commit {commit}; rerun it after new experiments.",
+        f"Built by `python experiments/report.py` from `dvc exp show` (experiments of commit {', '.join(commits)}); "
+        "rerun it after new experiments.",
         "",
         tabulate(body, headers=HEADERS, tablefmt="github", disable_numparse=True),
         "",

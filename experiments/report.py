@@ -1,6 +1,6 @@
 """Write metrics/report.md (the recipe's table) and the cross-experiment bar chart from DVC's experiment data.
 
-    python experiments/report.py                      # exp1..exp4 on the current commit
+    python experiments/report.py                      # exp1..exp4 (the newest of each name, last 10 commits)
     python experiments/report.py --names exp2 exp4    # any experiments, in this order
 
 Every number comes from `dvc.api.exp_show()` (what `dvc exp show` prints); nothing is recomputed here.
@@ -26,6 +26,11 @@ from ernie_dpo.series import NAMES  # noqa: E402
 log = get_logger("report")
 
 
+def short_sha(rev):
+    r = subprocess.run(["git", "rev-parse", "--short", str(rev)], capture_output=True, text=True)
+    return r.stdout.strip() or str(rev)
+
+
 def plot_bars(data, model, path):
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = range(len(data))
@@ -43,11 +48,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--names", nargs="+", default=list(NAMES))
     ap.add_argument("--out", default="metrics/report.md")
+    ap.add_argument("--commits", type=int, default=10, help="how many recent commits to look for experiments on")
     args = ap.parse_args()
-    rows = dvc.api.exp_show()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rows = dvc.api.exp_show(num=args.commits)
     try:
-        text = render(rows, args.names, commit)
+        text = render(rows, args.names, short_sha)
     except ReportError as e:
         sys.exit(f"report: {e}")
     Path(args.out).write_text(text, encoding="utf-8")

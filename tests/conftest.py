@@ -88,3 +88,15 @@ def tiny_base(tmp_path_factory, sample_records):
     cfg = engine.sft_config(root / "init", root / "sft.jsonl", root / "base", "cpu", 1, 128, 10, 3e-3, 8)
     engine.run(engine.launch_command("train", engine.write_config(cfg, root / "sft.yaml"), "cpu"), root / "sft.log")
     return root / "base"
+
+
+@pytest.fixture
+def tiny_repo(run_stage, tiny_base):
+    """A repo copy with the tiny model as models/base, a 12-prompt test set, short replies in batches of 2."""
+    shutil.copytree(tiny_base, run_stage.root / "models/base")
+    run_stage.set_param("testset.size", 12)
+    run_stage.set_param("infer.batch_size", 2)
+    run_stage.set_param("infer.max_dec_len", 24)
+    run_stage("prepare")
+    run_stage("testset")
+    return run_stage

@@ -32,19 +32,8 @@ def kill_when(proc, condition, timeout=240):
     pytest.fail("the condition to interrupt on never came")
 
 
-@pytest.fixture
-def repo(run_stage, tiny_base):
-    """A repo copy with the tiny model as models/base and a 12-prompt test set."""
-    shutil.copytree(tiny_base, run_stage.root / "models/base")
-    run_stage.set_param("testset.size", 12)
-    run_stage.set_param("infer.batch_size", 2)
-    run_stage.set_param("infer.max_dec_len", 24)
-    run_stage("prepare")
-    run_stage("testset")
-    return run_stage
-
-
-def test_killed_inference_resumes_without_regenerating(repo):
+def test_killed_inference_resumes_without_regenerating(tiny_repo):
+    repo = tiny_repo
     root = repo.root
     partial = root / "data/infer/partial"
     lines = lambda: sum(f.read_text().count("\n") for f in partial.glob("*.jsonl")) if partial.exists() else 0
@@ -66,7 +55,8 @@ def test_killed_inference_resumes_without_regenerating(repo):
     assert (root / "data/infer/fresh.jsonl").read_text() == (root / "data/infer/baseline.jsonl").read_text()
 
 
-def test_killed_training_resumes_from_its_checkpoint(repo):
+def test_killed_training_resumes_from_its_checkpoint(tiny_repo):
+    repo = tiny_repo
     root = repo.root
     (root / "metrics").mkdir(exist_ok=True)
     (root / "metrics/baseline.json").write_text('{"baseline": {"len_mean": 50}}')  # trainset needs it only for near_baseline

@@ -53,10 +53,25 @@ def test_report_rows_follow_the_recipe_layout_and_name_what_is_missing():
     assert [r[0] for r in body] == ["exp0", "exp1", "exp2", "exp3", "exp4"]
     assert body[0][3:5] == ["93.2", "76.0"] and body[2][3:5] == ["80.0", "50.0"] and body[4][3:5] == ["40.5", "30.0"]
     assert body[4][1] == "rejected ≥ 2× chosen, 103 pairs" and body[1][1] == "not run"
-    assert problems == ["exp1: no finished experiment of that name on this commit",
-                        "exp3: no finished experiment of that name on this commit"]
-    text = render(rows, ["exp2", "exp4"], "abc1234")
+    assert problems == ["exp1: no finished experiment of that name", "exp3: no finished experiment of that name"]
+    text = render([{"typ": "baseline", "rev": "abc1234ffff"}] + rows, ["exp2", "exp4"])
+    assert "experiments of commit abc1234" in text
     assert "tiny demo model" in text and "| exp4 " in text and "888.8" in text  # recipe reference shown apart
+
+
+def test_file_prefixed_columns_are_read_too():
+    r = row("exp2", 50.0, 40.0)
+    r["params.yaml:train.learning_rate"] = r.pop("train.learning_rate")
+    r["metrics/train.json:train.learning_rate"] = 0.0  # an older commit's metric of the same name
+    body, _, _ = table([r], ["exp2"])
+    assert "lr 5e-05" in body[1][2]
+
+
+def test_the_newest_commit_s_experiment_wins():
+    rows = [{"typ": "baseline", "rev": "new"}, row("exp2", 50.0, 40.0),
+            {"typ": "baseline", "rev": "old"}, row("exp2", 80.0, 70.0)]
+    body, _, _ = table(rows, ["exp2"])
+    assert body[1][3] == "50.0"
 
 
 def test_report_refuses_experiments_with_different_baselines():

@@ -1,7 +1,6 @@
 """infer.backend=openai end to end: this project's OpenAI-compatible server serving the tiny model on loopback,
 the real infer stage as its client, a real kill and resume; retries and errors against real flaky servers."""
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,13 +25,8 @@ def free_port():
 
 
 @pytest.fixture
-def served_repo(run_stage, tiny_base):
-    shutil.copytree(tiny_base, run_stage.root / "models/base")
-    run_stage.set_param("testset.size", 12)
-    run_stage.set_param("infer.max_dec_len", 24)
-    run_stage.set_param("infer.batch_size", 4)
-    run_stage("prepare")
-    run_stage("testset")
+def served_repo(tiny_repo):
+    run_stage = tiny_repo
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "ernie_dpo.serve", "--model", "models/base", "--port", str(port)],
                               cwd=run_stage.root, env=venv_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -66,8 +60,6 @@ def test_openai_backend_writes_what_local_inference_writes_and_resumes(served_re
 
     repo.set_param("infer.backend", "openai")
     partial = root / "data/infer/partial"
-    lines = lambda: sum(f.read_text().count("\n") for f in partial.glob("*.jsonl") if f.stat().st_size and
-                        "openai" in f.read_text() or False) if partial.exists() else 0
     before = {f.name for f in partial.glob("*.jsonl")}
     proc = start(root, ["stages/infer.py", *out])
     new = lambda: [f for f in partial.glob("*.jsonl") if f.name not in before]
