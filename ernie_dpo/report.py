@@ -24,7 +24,8 @@ class ReportError(ValueError):
 
 
 def _num(x):
-    return x is not None and not (isinstance(x, float) and math.isnan(x))
+    """A real number? exp_show gives None, NaN, or the string 'None' for a missing or null metric."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
 
 
 def _fmt(x, nd=1):

@@ -59,6 +59,12 @@ def test_report_rows_follow_the_recipe_layout_and_name_what_is_missing():
     assert "tiny demo model" in text and "| exp4 " in text and "888.8" in text  # recipe reference shown apart
 
 
+def test_null_metrics_show_as_a_dash():
+    rows = [row("exp2", 50.0, 40.0, **{"probes_tuned.retention": "None", "probes_baseline.pass_rate": None})]
+    body, _, _ = table(rows, ["exp2"])
+    assert body[0][7] == "—" and body[1][8] == "—"
+
+
 def test_file_prefixed_columns_are_read_too():
     r = row("exp2", 50.0, 40.0)
     r["params.yaml:train.learning_rate"] = r.pop("train.learning_rate")
