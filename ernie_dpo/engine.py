@@ -56,6 +56,17 @@ def check_device(device, devices="0"):
         raise DeviceError(f"engine.devices is {devices!r} but only {found} GPU(s) are visible (ids 0-{found - 1})")
 
 
+def require_device(params, stage, local=True):
+    """A stage's first line: check_device for engine.* params, ending the stage with `<stage>: <reason>` on failure.
+    local=False (inference through a server) needs no device here."""
+    if not local:
+        return
+    try:
+        check_device(params["engine"]["device"], params["engine"]["devices"])
+    except DeviceError as e:
+        sys.exit(f"{stage}: {e}")
+
+
 def parallel_settings(device, devices, nnodes, global_batch_size, tensor_parallel, sharding_parallel, sharding_stage):
     """Engine YAML keys for training on len(devices) x nnodes processes: data, sharding and tensor parallelism.
 

@@ -72,10 +72,7 @@ def fetch_pretrained(name, device):
 def main():
     params = load_params()
     m, device = params["model"], params["engine"]["device"]
-    try:
-        engine.check_device(device, params["engine"]["devices"])
-    except engine.DeviceError as e:
-        sys.exit(f"base_model: {e}")
+    engine.require_device(params, "base_model")
     for d in (OUT, LOGS):
         shutil.rmtree(d, ignore_errors=True)
     LOGS.mkdir(parents=True)

@@ -30,11 +30,7 @@ def main():
     params = load_params()
     p, device = params["infer"], params["engine"]["device"]
     role = Path(args.out).stem  # baseline | tuned: picks the server with infer.backend=openai
-    if p["backend"] == "local":
-        try:
-            engine.check_device(device, params["engine"]["devices"])
-        except engine.DeviceError as e:
-            sys.exit(f"infer: {e}")
+    engine.require_device(params, "infer", local=p["backend"] == "local")  # a server needs no device here
     test_path = "data/testset/testset.jsonl"
     tests = read_jsonl(test_path)
     partial = Path("data/infer/partial") / f"{Path(args.out).stem}-{fingerprint([args.model, test_path], [p, device])}.jsonl"

@@ -27,10 +27,7 @@ def link_tree(src, dst):
 def main():
     params = load_params()
     fine_tuning, device = params["train"]["fine_tuning"], params["engine"]["device"]
-    try:
-        engine.check_device(device, params["engine"]["devices"])
-    except engine.DeviceError as e:
-        sys.exit(f"merge: {e}")
+    engine.require_device(params, "merge")
     shutil.rmtree(OUT, ignore_errors=True)
     if fine_tuning == "lora":
         log.info("merging the LoRA adapter in models/train into models/base")

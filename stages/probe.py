@@ -29,11 +29,7 @@ def main():
     args = ap.parse_args()
     params = load_params()
     p, samples, device = params["infer"], params["probes"]["samples"], params["engine"]["device"]
-    if p["backend"] == "local":
-        try:
-            engine.check_device(device, params["engine"]["devices"])
-        except engine.DeviceError as e:
-            sys.exit(f"probe: {e}")
+    engine.require_device(params, "probe", local=p["backend"] == "local")  # a server needs no device here
     try:
         probes = load_probes(PROBES)
     except ProbeError as e:

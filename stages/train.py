@@ -53,10 +53,7 @@ def plot_curves(live_dir, title, path):
 def main():
     params = load_params()
     p, e, device = params["train"], params["engine"], params["engine"]["device"]
-    try:
-        engine.check_device(device, params["engine"]["devices"])
-    except engine.DeviceError as e:
-        sys.exit(f"train: {e}")
+    engine.require_device(params, "train")
     if p["warmup_steps"] >= p["max_steps"]:  # valid for the engine, but the peak learning rate is never reached
         log.warning("warmup_steps (%d) >= max_steps (%d): the learning rate only ramps up, to %.0f%% of %g",
                     p["warmup_steps"], p["max_steps"], 100 * p["max_steps"] / p["warmup_steps"], p["learning_rate"])
