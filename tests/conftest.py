@@ -1,7 +1,10 @@
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,23 @@ def tiny_repo(run_stage, tiny_base):
     run_stage("prepare")
     run_stage("testset")
     return run_stage
+
+
+def free_port():
+    """A loopback port nothing listens on (right now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoopbackServer:
+    """A real HTTP server on 127.0.0.1 (a free port) running `handler` in a thread until close()."""
+
+    def __init__(self, handler, path=""):
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}{path}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,21 +1,19 @@
 """The real-data download against a real HTTP server on loopback (the hub's URL layout, redirect and commit header)."""
 import hashlib
 import json
-import socket
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from conftest import venv_env
+from conftest import LoopbackServer, free_port, venv_env
 from ernie_dpo.fetch import FetchError, download, file_url
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-class Hub:
+class Hub(LoopbackServer):
     """A loopback stand-in for the hub: /datasets/<repo>/resolve/<rev>/<file> redirects (302, X-Repo-Commit) to a
     blob URL serving `content`; `fail_first` answers that many requests with 503 first."""
 
@@ -49,13 +47,7 @@ class Hub:
                 else:
                     self.send_error(404)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture
@@ -68,12 +60,6 @@ def hub():
     yield start
     for s in servers:
         s.close()
-
-
-def closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 DATA = json.dumps([{"conversations": [{"from": "human", "value": "Hi?"}], "chosen": {"from": "gpt", "value": "Hi."},
@@ -98,7 +84,7 @@ def test_checksum_mismatch_writes_nothing_and_keeps_the_old_file(tmp_path, hub):
 
 def test_unreachable_server_and_wrong_revision_are_clear_errors(tmp_path, hub):
     with pytest.raises(FetchError, match="cannot download .* after 2 tries"):
-        download(f"http://127.0.0.1:{closed_port()}/x", tmp_path / "f", retries=2, backoff=0.01, timeout=2)
+        download(f"http://127.0.0.1:{free_port()}/x", tmp_path / "f", retries=2, backoff=0.01, timeout=2)
     h = hub(DATA)
     with pytest.raises(FetchError, match="HTTP 404"):
         download(file_url(h.url, "d/x", "no-such-branch", "dpo_en.json"), tmp_path / "f", retries=3, backoff=0.01)
@@ -135,5 +121,5 @@ def test_fetch_script_pins_on_first_use_then_refuses_a_changed_file(run_stage, h
     assert f"/resolve/{COMMIT}/" in h2.requests[0]  # the pinned commit is asked for, not "main"
     assert not (repo / "data/raw/dpo_en.json").exists()
 
-    r = fetch(repo, f"http://127.0.0.1:{closed_port()}", "--no-dvc-add")
+    r = fetch(repo, f"http://127.0.0.1:{free_port()}", "--no-dvc-add")
     assert r.returncode != 0 and "cannot download" in r.stderr and "HF_ENDPOINT" in r.stderr

@@ -1,27 +1,19 @@
 """infer.backend=openai end to end: this project's OpenAI-compatible server serving the tiny model on loopback,
 the real infer stage as its client, a real kill and resume; retries and errors against real flaky servers."""
 import json
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from conftest import venv_env
+from conftest import LoopbackServer, free_port, venv_env
 from ernie_dpo import served
 from test_interruption import kill_when, start
 
 KEYS = {"id", "messages", "reply", "tokens", "finish_reason"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -86,7 +78,7 @@ def test_the_server_samples_reproducibly_per_seed(served_repo):
     assert served.chat(seed=5, **ask) == served.chat(seed=5, **ask)
 
 
-class Flaky:
+class Flaky(LoopbackServer):
     """A real loopback server: answers `fail` requests with `status` (or sleeps past the client timeout), then OK."""
 
     def __init__(self, fail, status=503, sleep=0.0):
@@ -113,13 +105,7 @@ class Flaky:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(H, "/v1")
 
 
 TESTS = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"q{i}"}]} for i in range(3)]
