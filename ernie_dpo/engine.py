@@ -7,6 +7,7 @@ Why not `paddleformers-cli` everywhere: the CLI always relaunches itself through
 <GPUs found by GPUtil>`; with no GPU that list is empty and the launch fails. On a CPU we therefore run the engine's
 own launcher module in one process (this file's __main__), exactly the function the CLI would start on each device.
 """
+import json
 import os
 import re
 import subprocess
@@ -202,6 +203,30 @@ def merge_lora(base_dir, adapter_dir, out_dir, device):
         raise RuntimeError(f"LoRA merge: weights missing {missing} / unexpected {unexpected}")
     plain.save_pretrained(str(out_dir))
     AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(out_dir))
+
+
+def checkpoint_is_complete(folder):
+    """Can the engine resume from this checkpoint-N folder?
+
+    PaddleFormers 1.2 (one process) writes a checkpoint as: weights, trainer state, RNG state, optimizer, and the LR
+    scheduler last. A run killed in between leaves a folder the engine still picks as the newest checkpoint and then
+    fails on, every time ("Can't find a optimizer index"; seen when training was killed just after trainer_state.bin
+    appeared). Complete = the scheduler state is there and every *.index.json parses and names shards that exist.
+    """
+    folder = Path(folder)
+    if not (folder / "scheduler.pdparams").is_file() or not (folder / "trainer_state.bin").is_file():
+        return False
+    indexes = list(folder.glob("*.index.json"))
+    if not any(i.name.startswith("optimizer") for i in indexes):
+        return False
+    for index in indexes:
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, AttributeError):
+            return False
+        if not all((folder / shard).is_file() for shard in shards):
+            return False
+    return True
 
 
 def write_config(cfg, path):

@@ -59,6 +59,10 @@ def main():
                     p["warmup_steps"], p["max_steps"], 100 * p["max_steps"] / p["warmup_steps"], p["learning_rate"])
     work = Path("checkpoints") / f"train-{fingerprint(['models/base', 'data/trainset/train.jsonl'], [p, e])}"
     resumed = sorted(work.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    for c in [c for c in resumed if not engine.checkpoint_is_complete(c)]:
+        log.warning("removing %s: incomplete (the run was killed while saving it), the engine cannot resume from it", c)
+        shutil.rmtree(c)
+        resumed.remove(c)
     if resumed:
         log.info("resuming from %s (an earlier run with the same inputs was interrupted)", resumed[-1])
     for d in (OUT, LOGS):
