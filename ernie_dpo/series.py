@@ -19,7 +19,6 @@ import math
 from .data import select_pairs
 
 NAMES = ("exp1", "exp2", "exp3", "exp4")
-VARIED = ("trainset.strategy", "trainset.min_ratio", "trainset.size", "train.max_steps", "train.warmup_steps")
 
 
 def count_pairs(pool, baseline_mean, tolerance):

@@ -24,6 +24,7 @@ import dvc.api  # noqa: E402
 
 from ernie_dpo.common import get_logger, load_params, read_json, read_jsonl  # noqa: E402
 from ernie_dpo.data import DataError, pool_outside  # noqa: E402
+from ernie_dpo.report import find  # noqa: E402
 from ernie_dpo.series import NAMES, count_pairs, overrides, plan  # noqa: E402
 
 log = get_logger("series")
@@ -84,10 +85,10 @@ def main():
         sh(cmd)
     sh(DVC + ["exp", "run", "--run-all", "-j", str(args.jobs)], check=False)
 
-    done = {r["Experiment"]: r for r in dvc.api.exp_show() if r.get("Experiment") in NAMES and r["typ"] != "baseline"}
-    failed = [n for n in experiments if done.get(n, {}).get("tuned.len_mean") is None]
+    done = find(dvc.api.exp_show(), NAMES)  # the finished ones (with tuned metrics)
+    failed = [n for n in experiments if n not in done]
     for n in experiments:
-        if n in done and n not in failed:
+        if n in done:
             log.info("%s: tuned mean %.1f / median %.1f chars (baseline %.1f / %.1f)", n, done[n]["tuned.len_mean"],
                      done[n]["tuned.len_median"], done[n]["baseline.len_mean"], done[n]["baseline.len_median"])
     if failed:

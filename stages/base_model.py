@@ -15,17 +15,17 @@ from tqdm import tqdm  # noqa: E402
 
 from ernie_dpo import engine, tiny  # noqa: E402
 from ernie_dpo.common import get_logger, load_params, read_jsonl, write_json, write_jsonl  # noqa: E402
-from ernie_dpo.data import prompt_key, training_pool  # noqa: E402
+from ernie_dpo.data import DataError, pool_outside  # noqa: E402
 
 log = get_logger("base_model")
 OUT, LOGS = Path("models/base"), Path("logs/base_model")
 
 
 def build_tiny(t, device):
-    records = read_jsonl("data/prepared/dpo.jsonl")
-    test_ids = {r["id"] for r in read_jsonl("data/testset/testset.jsonl")}
-    test_keys = {prompt_key(r) for r in records if r["id"] in test_ids}
-    pool = training_pool(records, test_ids, test_keys)
+    try:
+        pool, _, _ = pool_outside(read_jsonl("data/prepared/dpo.jsonl"), read_jsonl("data/testset/testset.jsonl"))
+    except DataError as e:
+        sys.exit(f"base_model: {e}")
     init = LOGS / "init"
     log.info("training a %d-piece SentencePiece tokenizer on %d records (test prompts excluded)", t["vocab_size"], len(pool))
     tiny.train_tokenizer(tiny.corpus_texts(pool), init, t["vocab_size"])
