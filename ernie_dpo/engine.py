@@ -10,6 +10,7 @@ own launcher module in one process (this file's __main__), exactly the function 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,24 @@ def parallel_settings(device, devices, nnodes, global_batch_size, tensor_paralle
     }
 
 
+def prepare_model_dir(model_dir, device):
+    """Make a model directory (built, converted, copied or downloaded) loadable on `device`; returns what changed.
+
+    PaddleFormers' RMSNorm uses the fused kernel unless the model's config says `fuse_rms_norm: false`, and that
+    kernel has no CPU implementation ("The kernel 'fused_rms_norm_ext' is not registered"): on a CPU every model
+    needs the flag, not only the tiny one.
+    """
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text())
+    changed = {}
+    if device == "cpu" and config.get("fuse_rms_norm", True):
+        config["fuse_rms_norm"] = False
+        changed["fuse_rms_norm"] = False
+    if changed:
+        path.write_text(json.dumps(config, indent=2) + "\n")
+    return changed
+
+
 def device_settings(device):
     if device not in ("cpu", "gpu"):
         raise ValueError(f"engine.device must be 'cpu' or 'gpu', got {device!r}")
@@ -132,12 +151,14 @@ def _common(model, data_path, out_dir, device, seed, max_seq_len, max_steps, war
         "seed": int(seed),
     }
     if save_steps and int(save_steps) > 0:
-        cfg.update({"save_strategy": "steps", "save_steps": int(save_steps), "save_total_limit": 1})
-        if device == "cpu":
-            # The default flex_checkpoint format resumes through fleet's hybrid communicate group, which a single CPU
-            # process never creates (AttributeError: 'Fleet' object has no attribute '_hcg'); unified_checkpoint
-            # saves and resumes there (checked: killed after checkpoint-5, resumed at step 6).
-            cfg.update({"save_checkpoint_format": "unified_checkpoint", "load_checkpoint_format": "unified_checkpoint"})
+        # One checkpoint format on every device: unified_checkpoint, the layout checkpoint_is_complete() reads
+        # (optimizer*.index.json naming its shards). The engine's default, flex_checkpoint, resumes through fleet's
+        # hybrid communicate group, which a single CPU process never creates (AttributeError: 'Fleet' object has no
+        # attribute '_hcg'), and on a GPU it writes optimizer state into folders with no optimizer index, so
+        # every GPU checkpoint looked incomplete and was removed: a killed GPU run restarted from step 1.
+        # (checked on CPU: killed after checkpoint-5, resumed at step 6; on a GPU: not run here, no GPU was lent.)
+        cfg.update({"save_strategy": "steps", "save_steps": int(save_steps), "save_total_limit": 1,
+                    "save_checkpoint_format": "unified_checkpoint", "load_checkpoint_format": "unified_checkpoint"})
     else:
         cfg["save_strategy"] = "no"
     cfg.update(device_settings(device))
@@ -154,8 +175,12 @@ def sft_config(model, data_path, out_dir, device, seed, max_seq_len, max_steps, 
 
 def dpo_config(model, data_path, out_dir, device, p, e=None):
     """DPO with the train.* params `p` (max_steps, warmup_steps, global_batch_size, learning_rate, fine_tuning,
-    loss_type, beta, lora_rank, lora_alpha, seed, max_seq_len, max_prompt_len, save_steps) and the engine.* params
-    `e` (devices, nnodes, tensor_parallel, sharding_parallel, sharding_stage) for more than one device."""
+    loss_type, beta, lora_rank, seed, max_seq_len, max_prompt_len, save_steps) and the engine.* params
+    `e` (devices, nnodes, tensor_parallel, sharding_parallel, sharding_stage) for more than one device.
+
+    No lora_alpha: PaddleFormers 1.2's DPO workflow ignores it and always uses lora_alpha = 2 x lora_rank
+    (cli/train/dpo/workflow.py), so a parameter for it would change nothing but the cache key. max_prompt_len is
+    passed along, but its DPO dataset does not read it either: fit_pairs() enforces it before training."""
     if p["fine_tuning"] not in ("lora", "full"):
         raise ValueError(f"train.fine_tuning must be 'lora' or 'full', got {p['fine_tuning']!r}")
     cfg = _common(model, data_path, out_dir, device, p["seed"], p["max_seq_len"], p["max_steps"], p["warmup_steps"],
@@ -170,11 +195,99 @@ def dpo_config(model, data_path, out_dir, device, p, e=None):
         cfg.update(parallel_settings(device, e["devices"], e["nnodes"], int(p["global_batch_size"]),
                                      int(e["tensor_parallel"]), int(e["sharding_parallel"]), e["sharding_stage"]))
     if p["fine_tuning"] == "lora":
-        cfg.update({"fine_tuning": "LoRA", "lora": True, "lora_rank": int(p["lora_rank"]),
-                    "lora_alpha": int(p["lora_alpha"])})
+        cfg.update({"fine_tuning": "LoRA", "lora": True, "lora_rank": int(p["lora_rank"])})
     else:
         cfg["fine_tuning"] = "full"
     return cfg
+
+
+# ------------------------------------------------------------------------------------- how the engine encodes chats
+# PaddleFormers' DPO dataset encodes a conversation with tokenizer.encode_chat_inputs(), which by default renders
+# each user turn ON ITS OWN through the chat template ("one turn" mode). With a template that adds a default system
+# prompt (SmolLM2, Qwen, ...) every later turn then gets that system prompt again, and with ERNIE's template every
+# turn gets its own <|begin_of_sentence|>: the model trains on prompts that inference never shows it. The engine's
+# other mode renders the conversation cumulatively and cuts it into (query, answer) pieces. The engine runs in
+# that mode here (_engine_main patches the default), and inference feeds the model exactly those pieces
+# (prompt_ids), so training and inference see the same prompt tokens (tests/test_smol.py checks it on a real
+# tokenizer, single- and multi-turn).
+
+
+def use_all_cpu_cores():
+    """Paddle's CPU kernels use ONE thread unless told otherwise (FLAGS_paddle_num_threads defaults to 1): use every
+    core this process may run on. Returns the thread count (recorded in the inference metadata)."""
+    import paddle
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    paddle.base.core.set_num_threads(n)
+    return n
+
+
+def use_cumulative_chat_encoding():
+    """Make the engine's default ("one turn") chat encoding the cumulative one, in this process."""
+    from paddleformers.transformers.tokenizer_utils import PaddleTokenizerMixin as cls
+
+    if not hasattr(cls, "_engine_default_one_turn"):
+        cls._engine_default_one_turn = cls._encode_chat_inputs_oneturn  # kept so tests can show what it did
+    cls._encode_chat_inputs_oneturn = cls._encode_chat_inputs_openai_format
+
+
+def chat_turns(tokenizer, messages):
+    """[[query ids, answer ids], ..., [query ids]]: the engine's cumulative encoding of OpenAI-format messages."""
+    return tokenizer._encode_chat_inputs_openai_format({"messages": [dict(m) for m in messages]})
+
+
+def prompt_ids(tokenizer, messages):
+    """The token ids a model is asked with: the conversation up to and including the generation prompt."""
+    return [i for turn in chat_turns(tokenizer, messages) for part in turn for i in part]
+
+
+def pair_fit(tokenizer, rec, max_seq_len, max_prompt_len):
+    """What the engine's DPO dataset does with one pair, computed with its own encoding and length rules.
+
+    The engine (datasets/DPODataset.py) counts chosen + rejected answers (+ an eos each) + the last user turn
+    against max_seq_len and SKIPS the pair if they do not fit, logging only the first five; earlier turns are then
+    added newest first while they fit, the rest dropped silently. It never reads max_prompt_len; here a pair whose
+    prompt (after that truncation) is longer is dropped too, so the parameter means what it says.
+    Returns (status, prompt tokens, total tokens): status "fits" | "history_truncated" | "too_long" | "prompt_too_long".
+    """
+    from .data import to_messages  # here, not at the top: GPU workers run this file as a script
+
+    msgs = to_messages(rec, keep_system=True)  # as the engine's erniekit reader builds them: system first
+    turns = {side: chat_turns(tokenizer, msgs + [{"role": "assistant", "content": rec["response"][k][0]}])
+             for k, side in enumerate(("chosen", "rejected"))}
+    answers = len(turns["chosen"][-1][1]) + len(turns["rejected"][-1][1]) + 2  # + the eos the engine appends
+    history = turns["chosen"][:-1]
+    prompt = len(turns["chosen"][-1][0])
+    if answers + prompt > max_seq_len:
+        return "too_long", prompt, answers + prompt
+    kept = 0
+    for q, a in reversed(history):
+        if answers + prompt + len(q) + len(a) > max_seq_len:
+            break
+        prompt += len(q) + len(a)
+        kept += 1
+    if prompt > max_prompt_len:
+        return "prompt_too_long", prompt, answers + prompt
+    return ("fits" if kept == len(history) else "history_truncated"), prompt, answers + prompt
+
+
+def fit_pairs(tokenizer, records, max_seq_len, max_prompt_len):
+    """(records the engine will train on, counts by status, tokens per kept pair). Nothing is dropped uncounted."""
+    from tqdm import tqdm
+
+    kept, counts, tokens = [], {"fits": 0, "history_truncated": 0, "too_long": 0, "prompt_too_long": 0}, []
+    for rec in tqdm(records, desc="counting tokens per pair", unit="pair"):
+        status, _, total = pair_fit(tokenizer, rec, max_seq_len, max_prompt_len)
+        counts[status] += 1
+        if status in ("fits", "history_truncated"):
+            kept.append(rec)
+            tokens.append(total)
+    return kept, counts, tokens
+
+
+def engine_skips(log_text):
+    """Pairs the engine itself reported skipping in its log (it should be none: fit_pairs removed them first)."""
+    return log_text.count("[SKIP]")
 
 
 def merge_lora(base_dir, adapter_dir, out_dir, device):
@@ -245,8 +358,6 @@ def launch_command(command, cfg_path, device, devices="0", nnodes=1, env=None):
     cpu: one process running this module, which starts the engine's launcher in-process.
     """
     if device == "gpu":
-        from paddleformers.cli import launcher
-
         cmd = [sys.executable, "-m", "paddle.distributed.launch", "--log_dir", str(Path(cfg_path).parent / "dist_log"),
                "--gpus", str(devices)]
         if int(nnodes) > 1:
@@ -256,7 +367,8 @@ def launch_command(command, cfg_path, device, devices="0", nnodes=1, env=None):
                                  "RANK (0 on node 0, 1..n-1 on the others) on every node")
             cmd += ["--master", f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '8080')}", "--nnodes", str(nnodes),
                     "--rank", str(env.get("RANK", "0"))]
-        return cmd + ["--run_mode=collective", launcher.__file__, command, str(cfg_path)]
+        # each worker runs this file (not the engine's launcher directly) for _engine_main's chat-encoding setting
+        return cmd + ["--run_mode=collective", str(Path(__file__).resolve()), command, str(cfg_path)]
     return [sys.executable, "-m", "ernie_dpo.engine", command, str(cfg_path)]
 
 
@@ -277,7 +389,12 @@ def parse_log_line(line):
 
 
 def run(cmd, log_path, on_step=None, env=None):
-    """Run the engine, tee its output to `log_path`, call on_step(dict) for each logged step. Raises on failure."""
+    """Run the engine, tee its output to `log_path`, call on_step(dict) for each logged step. Raises on failure.
+
+    The engine runs in its own process group (paddle.distributed.launch starts one worker per GPU under it). If this
+    process is stopped (Ctrl-C, SIGTERM from `dvc` or a scheduler) or anything here fails, the whole group is ended
+    before returning: no engine keeps the GPUs, or writes checkpoints that race the next run.
+    """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = dict(os.environ, **(env or {}))
@@ -285,41 +402,78 @@ def run(cmd, log_path, on_step=None, env=None):
     root = str(Path(__file__).resolve().parents[1])
     full_env["PYTHONPATH"] = root + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env.setdefault("PYTHONUNBUFFERED", "1")
-    with open(log_path, "a", encoding="utf-8") as log, subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, bufsize=1
-    ) as proc:
-        for line in proc.stdout:
-            log.write(line)
-            step = parse_log_line(line)
-            if step is not None and on_step is not None:
-                on_step(step)
-        rc = proc.wait()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+    proc = None
+    try:
+        with open(log_path, "a", encoding="utf-8") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                                    bufsize=1, start_new_session=True)
+            for line in proc.stdout:
+                log.write(line)
+                step = parse_log_line(line)
+                if step is not None and on_step is not None:
+                    on_step(step)
+            rc = proc.wait()
+    finally:
+        if proc is not None and proc.poll() is None:
+            stop_group(proc)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if rc != 0:
         tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(True)[-25:])
         raise RuntimeError(f"engine command failed (exit {rc}): {' '.join(cmd)}\n--- last lines of {log_path} ---\n{tail}")
 
 
-def _single_process_cpu_main(argv):
-    """Start the engine's launcher in this process (the CPU path of launch_command).
-
-    Full-parameter DPO wraps the model with fleet.distributed_model(), which raises AttributeError
-    ('Fleet' object has no attribute '_user_defined_strategy') when fleet was never initialised, as in a single
-    CPU process. Only there, and only for that error, the model is used unwrapped: with one process there is
-    nothing to distribute. LoRA DPO and SFT never reach this path.
-    """
-    from paddle.distributed import fleet
-
-    original = fleet.distributed_model
-
-    def distributed_model_or_self(model):
+def stop_group(proc, grace_s=10):
+    """SIGTERM the engine's process group, then SIGKILL what is left after grace_s seconds."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5)):
         try:
-            return original(model)
-        except AttributeError as e:
-            if "_user_defined_strategy" not in str(e):
-                raise
-            return model
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
-    fleet.distributed_model = distributed_model_or_self
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+def _main_thread():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _engine_main(argv):
+    """Start the engine's launcher in this process: the CPU path of launch_command, and each GPU worker.
+
+    1. Chat encoding: the engine's cumulative mode instead of its "one turn" default (see chat_turns), on every
+       device, so training sees the prompts inference sends.
+    2. Only on a CPU (one process): all cores (use_all_cpu_cores), and: full-parameter DPO wraps the model with fleet.distributed_model(), which raises
+       AttributeError ('Fleet' object has no attribute '_user_defined_strategy') when fleet was never initialised.
+       There, and only for that error, the model is used unwrapped: with one process there is nothing to
+       distribute. LoRA DPO and SFT never reach this path.
+    """
+    use_cumulative_chat_encoding()
+    if os.environ.get("PADDLE_TRAINERS_NUM", "1") == "1" and not os.environ.get("PADDLE_TRAINER_ENDPOINTS"):
+        use_all_cpu_cores()
+        from paddle.distributed import fleet
+
+        original = fleet.distributed_model
+
+        def distributed_model_or_self(model):
+            try:
+                return original(model)
+            except AttributeError as e:
+                if "_user_defined_strategy" not in str(e):
+                    raise
+                return model
+
+        fleet.distributed_model = distributed_model_or_self
     from paddleformers.cli.launcher import launch
 
     sys.argv = ["launcher"] + argv
@@ -327,4 +481,7 @@ def _single_process_cpu_main(argv):
 
 
 if __name__ == "__main__":
-    _single_process_cpu_main(sys.argv[1:])
+    # Run as a file (a GPU worker), Python puts ernie_dpo/ first on sys.path, where stats.py, data.py, ... would
+    # shadow any library module of the same name: drop it (the project root is on PYTHONPATH, see run()).
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    _engine_main(sys.argv[1:])

@@ -1,45 +1,88 @@
-"""Batched sampling over the test set with the model's own chat template, resumable.
+"""Local inference: the model's own chat template and stop tokens, continuous batching (ernie_dpo.decode), resumable.
 
 Output: one jsonl line per prompt
     {"id", "messages": [...test messages, {"role": "assistant", "content": reply}], "reply", "tokens", "finish_reason"}
 The recipe's evaluator reads the last message with role "bot"; here that message has the OpenAI role "assistant"
 (the same message, the role name is the only difference).
 
-Resume: prompts are cut into fixed batches; a batch is written (and flushed) only once all its replies exist, and each
-batch is seeded from (seed, batch index). A rerun after an interruption skips the batches already in the file and
-reproduces on a CPU exactly what an uninterrupted run would have written.
+Every prompt is sampled with its own seed (decode.prompt_seed(infer.seed, id)), so its reply does not depend on the
+batch it ran in. Each reply is appended to the progress file (flushed, fsynced) the moment it is finished; a rerun
+after an interruption skips the prompts already there and writes what an uninterrupted run would have.
 """
 import json
 import os
+import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from . import decode
 from .common import get_logger
+from . import engine
 
 log = get_logger("generate")
-STOP_TOKENS = ("<|end_of_sentence|>",)  # ERNIE 4.5 ends an assistant turn with this before </s>
 
 
-def load_model(model_dir, device):
+class StopTokenError(ValueError):
+    pass
+
+
+def load_model(model_dir, device, devices="0"):
+    """(model, tokenizer, threads) ready for decoding: first device of engine.devices, all CPU cores, eval mode."""
     import paddle
     from paddleformers.transformers import AutoModelForCausalLM, AutoTokenizer
 
-    paddle.set_device(device)
+    paddle.set_device("cpu" if device == "cpu" else f"gpu:{str(devices).split(',')[0].strip()}")
+    threads = engine.use_all_cpu_cores() if device == "cpu" else None
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")
     dtype = "float32" if device == "cpu" else "bfloat16"
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     model.eval()
-    return model, tokenizer
+    decode.use_grouped_attention(model)
+    return model, tokenizer, threads
 
 
-def stop_ids(tokenizer):
-    ids = {tokenizer.eos_token_id}
-    for t in STOP_TOKENS:
-        i = tokenizer.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i != tokenizer.unk_token_id:
-            ids.add(i)
-    return sorted(i for i in ids if i is not None)
+def prompt_ids(tokenizer, messages):
+    """The token ids the model is asked with: the model's chat template over the messages, with the generation
+    prompt, encoded exactly as the engine encodes training prompts (engine.prompt_ids)."""
+    return engine.prompt_ids(tokenizer, messages)
+
+
+def _template_end_of_turn(tokenizer):
+    """The special token the chat template puts right after an assistant message (e.g. <|im_end|>), or None."""
+    marker = "ernie-dpo-end-of-turn-probe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # a template that cannot render this conversation says nothing about its end of turn
+        return None
+    after = text.split(marker, 1)[1] if marker in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return ids[0] if ids and ids[0] in special else None
+
+
+def stop_tokens(tokenizer, model_dir, extra=()):
+    """{token id: token} that end a reply: the tokenizer's eos, the model's generation_config eos_token_id(s), the
+    chat template's end of turn, and `extra` (infer.stop_tokens). An extra token the tokenizer does not know as ONE
+    token is an error, never silently dropped."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    end = _template_end_of_turn(tokenizer)
+    if end is not None:
+        ids.add(end)
+    for tok in extra:
+        found = tokenizer(tok, add_special_tokens=False)["input_ids"]
+        if len(found) != 1 or found[0] == tokenizer.unk_token_id:
+            raise StopTokenError(f"infer.stop_tokens: {tok!r} is not one token of this model's tokenizer "
+                                 f"(it encodes to {found}); remove it or use the model's own end-of-turn token")
+        ids.add(found[0])
+    return {i: tokenizer.convert_ids_to_tokens(i) for i in sorted(ids)}
 
 
 def read_done(out_path):
@@ -65,69 +108,97 @@ def read_done(out_path):
     return done
 
 
-def generate_batch(model, tokenizer, batch, top_p, temperature, max_dec_len, seed, stops):
-    import paddle
-
-    prompts = [tokenizer.apply_chat_template(t["messages"], tokenize=False, add_generation_prompt=True) for t in batch]
-    enc = tokenizer(prompts, return_tensors="pd", padding=True, add_special_tokens=False)
-    paddle.seed(seed)
-    with paddle.no_grad():
-        out = model.generate(
-            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=max_dec_len,
-            decode_strategy="sampling", top_p=top_p, temperature=temperature, eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id, use_cache=True,
-        )
-    new_tokens = out[0].numpy().tolist()  # generate returns only the new tokens
-    results = []
-    for t, ids in zip(batch, new_tokens):
-        end = next((k for k, i in enumerate(ids) if i in stops), None)
-        finish = "eos" if end is not None else "length"
-        ids = ids[:end] if end is not None else ids
-        reply = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        results.append({"id": t["id"], "messages": t["messages"] + [{"role": "assistant", "content": reply}],
-                        "reply": reply, "tokens": len(ids), "finish_reason": finish})
-    return results
+def record(test, reply, tokens, finish):
+    return {"id": test["id"], "messages": test["messages"] + [{"role": "assistant", "content": reply}],
+            "reply": reply, "tokens": tokens, "finish_reason": finish}
 
 
-def generate_all(tests, out_path, model_dir, top_p, temperature, max_dec_len, batch_size, seed, device):
-    """Answer every test prompt into out_path, skipping batches a previous run finished. Returns all records."""
+class LocalModel:
+    """A model directory loaded for sampling; answer() is what local inference and the dev server share."""
+
+    def __init__(self, model_dir, device, devices="0", extra_stop_tokens=()):
+        self.model_dir, self.device = Path(model_dir), device
+        self.model, self.tokenizer, self.threads = load_model(model_dir, device, devices)
+        self.stops = stop_tokens(self.tokenizer, model_dir, extra_stop_tokens)
+        self.max_len = getattr(self.model.config, "max_position_embeddings", None)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.stops)
+
+    def answer(self, tests, top_p, temperature, max_dec_len, batch_size, seed, on_record=None, seeds=None):
+        """{id: record} for every test ({"id", "messages"}); on_record(record) as each reply is finished.
+        seeds: {id: seed} to override the per-prompt seed (a served request's own seed)."""
+        prompts = [prompt_ids(self.tokenizer, t["messages"]) for t in tests]
+        too_long = [t["id"] for t, p in zip(tests, prompts) if self.max_len and len(p) >= self.max_len]
+        if too_long:
+            raise ValueError(f"{len(too_long)} prompt(s) do not fit the model's context of {self.max_len} tokens, "
+                             f"e.g. {too_long[0]}")
+        out = {}
+
+        def on_done(i, ids, finish):
+            reply = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            out[tests[i]["id"]] = rec = record(tests[i], reply, len(ids), finish)
+            if on_record is not None:
+                on_record(rec)
+
+        decode.generate(self.model, prompts,
+                        [(seeds or {}).get(t["id"], decode.prompt_seed(seed, t["id"])) for t in tests],
+                        list(self.stops), max_dec_len, temperature, top_p, batch_size, self.pad_id, self.max_len,
+                        on_done, prefill_batch=1 if self.device == "cpu" else batch_size)
+        return out
+
+
+def generate_all(tests, out_path, model_dir, top_p, temperature, max_dec_len, batch_size, seed, device, devices="0",
+                 stop_tokens_extra=()):
+    """Answer every test prompt into out_path, skipping prompts a previous run finished.
+    Returns (records in test order, run info for the metrics)."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(out_path)
-    batches = [tests[k:k + batch_size] for k in range(0, len(tests), batch_size)]
-    todo = [(k, b) for k, b in enumerate(batches) if not all(t["id"] in done for t in b)]
+    todo = [t for t in tests if t["id"] not in done]
     if done:
-        log.info("resuming: %d of %d prompts already answered in %s", len(done), len(tests), out_path)
+        log.info("resuming: %d of %d prompts already answered in %s", len(tests) - len(todo), len(tests), out_path)
+    info = {"backend": "local", "device": device, "top_p": top_p, "temperature": temperature, "top_k": "off",
+            "max_dec_len": max_dec_len, "batch_size": batch_size, "prompts_generated": len(todo)}
     if todo:
-        model, tokenizer = load_model(model_dir, device)
-        stops = stop_ids(tokenizer)
-        with open(out_path, "a", encoding="utf-8") as f, tqdm(total=len(tests), initial=len(tests) - sum(
-                len(b) for _, b in todo), desc=f"generating ({Path(model_dir).name})", unit="prompt") as bar:
-            for k, batch in todo:
-                batch = [t for t in batch if t["id"] not in done]  # a partly kept batch (resume after a crash)
-                for rec in generate_batch(model, tokenizer, batch, top_p, temperature, max_dec_len,
-                                          seed * 100003 + k, stops):
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    done[rec["id"]] = rec
+        lm = LocalModel(model_dir, device, devices, stop_tokens_extra)
+        start = time.time()  # after loading: the figures are decoding speed
+        info.update(threads=lm.threads, stop_tokens=list(lm.stops.values()))
+        log.info("%s on %s (%s threads), stop tokens %s", Path(model_dir).name, device, lm.threads,
+                 list(lm.stops.values()))
+        tokens = 0
+        with open(out_path, "a", encoding="utf-8") as f, tqdm(total=len(tests), initial=len(tests) - len(todo),
+                                                              desc=f"generating ({Path(model_dir).name})",
+                                                              unit="prompt") as bar:
+            def write(rec):
+                nonlocal tokens
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-                bar.update(len(batch))
-    return [done[t["id"]] for t in tests]
+                done[rec["id"]] = rec
+                tokens += rec["tokens"]
+                bar.update(1)
+                bar.set_postfix(new_tokens_per_s=f"{tokens / max(time.time() - start, 1e-9):.1f}")
+
+            lm.answer(todo, top_p, temperature, max_dec_len, batch_size, seed, on_record=write)
+        secs = time.time() - start
+        info.update(seconds=round(secs, 1), replies_per_s=round(len(todo) / secs, 3),
+                    new_tokens_per_s=round(tokens / secs, 1))
+    return [done[t["id"]] for t in tests], info
 
 
 def answer_all(tests, out_path, model_dir, role, params):
     """Answer `tests` with the backend params["infer"]["backend"] names: "local" samples with the model directory
     here; "openai" sends the prompts to the server infer.openai.<role>_url (role: baseline | tuned), which must be
-    serving that same model directory. Same records and resume behaviour either way."""
-    p, device = params["infer"], params["engine"]["device"]
+    serving that same model directory. Same records and resume behaviour either way. Returns (records, run info)."""
+    p, e = params["infer"], params["engine"]
     if p["backend"] == "local":
         return generate_all(tests, out_path, model_dir, p["top_p"], p["temperature"], p["max_dec_len"],
-                            p["batch_size"], p["seed"], device)
+                            p["batch_size"], p["seed"], e["device"], e["devices"], p.get("stop_tokens") or ())
     if p["backend"] == "openai":
         from . import served
 
         o = p["openai"]
-        return served.generate_all(tests, out_path, o[f"{role}_url"], o["model"], p["top_p"], p["temperature"],
-                                   p["max_dec_len"], p["seed"], o["concurrency"], o["timeout_s"], o["max_retries"],
-                                   api_key=os.environ.get(o["api_key_env"]))
+        records = served.generate_all(tests, out_path, o[f"{role}_url"], o["model"], p["top_p"], p["temperature"],
+                                      p["max_dec_len"], p["seed"], o["concurrency"], o["timeout_s"], o["max_retries"],
+                                      api_key=os.environ.get(o["api_key_env"]))
+        return records, {"backend": "openai", "url": o[f"{role}_url"]}
     raise ValueError(f"infer.backend must be 'local' or 'openai', got {p['backend']!r}")

@@ -13,14 +13,13 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .common import get_logger
-from .generate import generate_batch, load_model, stop_ids
+from .generate import LocalModel
 
 log = get_logger("serve")
 
 
 def make_server(model_dir, host, port, device="cpu", name=None):
-    model, tokenizer = load_model(model_dir, device)
-    stops = stop_ids(tokenizer)
+    lm = LocalModel(model_dir, device)
     lock = threading.Lock()
     served_name = name or str(model_dir)
 
@@ -57,8 +56,8 @@ def make_server(model_dir, host, port, device="cpu", name=None):
                 self._json(400, {"error": {"message": f"bad request: {e}"}})
                 return
             with lock:
-                rec = generate_batch(model, tokenizer, [{"id": "r", "messages": messages}], top_p, temperature,
-                                     max_tokens, seed, stops)[0]
+                rec = lm.answer([{"id": "r", "messages": messages}], top_p, temperature, max_tokens, 1, seed,
+                                seeds={"r": seed})["r"]
             self._json(200, {
                 "id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion", "created": int(time.time()),
                 "model": served_name,

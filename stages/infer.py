@@ -7,14 +7,15 @@ infer.openai.baseline_url / tuned_url (by the --out file's name), which must be 
 
 Progress is kept in data/infer/partial/<name>-<key>.jsonl, where <key> hashes the model weights, the test set and the
 infer params: an interrupted run resumes where it stopped, and a run with different inputs never reuses old replies.
-The finished file is then written to --out in test-set order.
+The finished file is then written to --out in test-set order, and how it was produced (backend, device, CPU threads,
+sampling settings with top_k off, stop tokens, replies/s, new tokens/s) to metrics/infer_<name>.json.
 """
 import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ernie_dpo.common import fingerprint, get_logger, load_params, read_jsonl, write_jsonl  # noqa: E402
+from ernie_dpo.common import fingerprint, get_logger, load_params, read_jsonl, write_json, write_jsonl  # noqa: E402
 from ernie_dpo import engine  # noqa: E402
 from ernie_dpo.generate import answer_all  # noqa: E402
 from ernie_dpo.served import ServedError  # noqa: E402
@@ -39,10 +40,11 @@ def main():
     log.info("%d prompts, %s, top_p %s, temperature %s, max_dec_len %d (progress: %s)", len(tests), where, p["top_p"],
              p["temperature"], p["max_dec_len"], partial)
     try:
-        records = answer_all(tests, partial, args.model, role, params)
+        records, run_info = answer_all(tests, partial, args.model, role, params)
     except ServedError as e:
         sys.exit(f"infer: {e}")
     write_jsonl(args.out, records)
+    write_json(f"metrics/infer_{role}.json", {f"infer_{role}": {"model": params["model"]["name_or_path"], **run_info}})
     cut = sum(r["finish_reason"] == "length" for r in records)
     log.info("wrote %s: %d replies, mean %.1f chars, %d cut at max_dec_len", args.out, len(records),
              sum(len(r["reply"]) for r in records) / len(records), cut)

@@ -4,7 +4,13 @@ Checkpoints (train.save_steps > 0) go to checkpoints/train-<hash of base model, 
 DVC's outputs: a run killed after a checkpoint resumes from it when the stage runs again (the engine resumes from the
 newest checkpoint-N in its output folder); a run with any other input starts afresh.
 
-Outputs: models/train (LoRA adapter or full model), logs/train/dpo.yaml (the exact engine config: rerun it by hand with
+Before training, every pair is measured with the base model's tokenizer and the engine's own encoding and length
+rules (engine.fit_pairs): pairs the engine would skip (longer than train.max_seq_len) or whose prompt is longer than
+train.max_prompt_len are dropped here and counted, and the engine is given only pairs it will train on
+(logs/train/pairs.jsonl). More than train.max_skipped_share dropped stops the stage. After training, any "[SKIP]" in
+the engine log is an error: pairs offered - pairs dropped = pairs trained, on every profile.
+
+Outputs: models/train (LoRA adapter or full model), logs/train/pairs.jsonl, logs/train/dpo.yaml (the exact engine config: rerun it by hand with
 `paddleformers-cli train logs/train/dpo.yaml` on a GPU, `python -m ernie_dpo.engine train logs/train/dpo.yaml` on a
 CPU), logs/train/engine.log, metrics/train.json (final values), metrics/dvclive/ (per-step curves) and
 metrics/plots/dpo_curves.png.
@@ -25,7 +31,7 @@ from dvclive import Live  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ernie_dpo import engine  # noqa: E402
-from ernie_dpo.common import fingerprint, get_logger, load_params, write_json  # noqa: E402
+from ernie_dpo.common import fingerprint, get_logger, load_params, read_jsonl, write_json, write_jsonl  # noqa: E402
 
 log = get_logger("train")
 OUT, LOGS = Path("models/train"), Path("logs/train")
@@ -50,6 +56,31 @@ def plot_curves(live_dir, title, path):
     fig.savefig(path, dpi=100)
 
 
+def count_fitting_pairs(p):
+    """Drop (and count) the pairs the engine would skip or that break max_prompt_len; write the rest for the engine."""
+    from paddleformers.transformers import AutoTokenizer
+
+    pairs = read_jsonl("data/trainset/train.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained("models/base")
+    kept, counts, tokens = engine.fit_pairs(tokenizer, pairs, p["max_seq_len"], p["max_prompt_len"])
+    dropped = counts["too_long"] + counts["prompt_too_long"]
+    log.info("%d pairs offered: %d fit, %d fit after the engine drops early turns, %d longer than max_seq_len %d, "
+             "%d with a prompt longer than max_prompt_len %d; training on %d", len(pairs), counts["fits"],
+             counts["history_truncated"], counts["too_long"], p["max_seq_len"], counts["prompt_too_long"],
+             p["max_prompt_len"], len(kept))
+    share = dropped / len(pairs)
+    if share > p["max_skipped_share"]:
+        sys.exit(f"train: {dropped} of {len(pairs)} pairs ({share:.0%}) do not fit (longer than train.max_seq_len "
+                 f"{p['max_seq_len']}: {counts['too_long']}; prompt longer than train.max_prompt_len "
+                 f"{p['max_prompt_len']}: {counts['prompt_too_long']}), more than train.max_skipped_share "
+                 f"{p['max_skipped_share']}. Raise the lengths, or the share to train on the rest anyway.")
+    write_jsonl(LOGS / "pairs.jsonl", kept)
+    return {"pairs_offered": len(pairs), "pairs_trained": len(kept), "pairs_skipped_too_long": counts["too_long"],
+            "pairs_skipped_prompt_too_long": counts["prompt_too_long"],
+            "pairs_history_truncated": counts["history_truncated"],
+            "pair_tokens_max": max(tokens) if tokens else 0}
+
+
 def main():
     params = load_params()
     p, e, device = params["train"], params["engine"], params["engine"]["device"]
@@ -67,8 +98,9 @@ def main():
         log.info("resuming from %s (an earlier run with the same inputs was interrupted)", resumed[-1])
     for d in (OUT, LOGS):
         shutil.rmtree(d, ignore_errors=True)
+    fit = count_fitting_pairs(p)
     try:
-        cfg = engine.dpo_config("models/base", "data/trainset/train.jsonl", work, device, p, e)
+        cfg = engine.dpo_config("models/base", LOGS / "pairs.jsonl", work, device, p, e)
         cfg_path = engine.write_config(cfg, LOGS / "dpo.yaml")
         cmd = engine.launch_command("train", cfg_path, device, e["devices"], e["nnodes"])
     except ValueError as err:
@@ -95,6 +127,10 @@ def main():
         engine.run(cmd, LOGS / "engine.log", on_step)
     if not last:
         sys.exit(f"train: the engine logged no training step; see {LOGS / 'engine.log'}")
+    skipped = engine.engine_skips((LOGS / "engine.log").read_text(encoding="utf-8", errors="replace"))
+    if skipped:
+        sys.exit(f"train: the engine skipped {skipped} pair(s) that the length count said fit (see '[SKIP]' in "
+                 f"{LOGS / 'engine.log'}): pairs trained would not be pairs reported")
     # the finished model (not the checkpoints) becomes the DVC output; the work folder is no longer needed
     OUT.mkdir(parents=True)
     for f in work.iterdir():
@@ -103,6 +139,9 @@ def main():
     shutil.rmtree(work)
     final = {k.replace("/", "_"): round(v, 5) for k, v in last.items() if k in CURVES or k == "global_step"}
     final["seconds"] = round(time.time() - start, 1)
+    final.update(fit)
+    final["examples_seen"] = int(last["global_step"]) * int(p["global_batch_size"])
+    final["epochs"] = round(final["examples_seen"] / fit["pairs_trained"], 2)
     write_json("metrics/train.json", {"dpo": final})  # "dpo", not "train": params own train.*
     plot_curves("metrics/dvclive", f"{params['model']['name_or_path']}: {p['fine_tuning']}, {p['max_steps']} steps, "
                 f"warmup {p['warmup_steps']}, batch {p['global_batch_size']}", "metrics/plots/dpo_curves.png")

@@ -36,6 +36,11 @@ def main():
     if not pairs:
         sys.exit("trainset: no pair passes the filter; loosen trainset.min_ratio / baseline_tolerance")
 
+    # The recipe deletes the system prompt from its training pairs: some ask for long answers on purpose, which is
+    # the opposite of what this DPO run teaches. trainset.keep_system: true keeps them.
+    with_system = sum(bool(r.get("system")) for r in pairs)
+    if not p["keep_system"]:
+        pairs = [{k: v for k, v in r.items() if k != "system"} for r in pairs]
     write_jsonl("data/trainset/train.jsonl", pairs)
     chosen = [len(chosen_text(r)) for r in pairs]
     rejected = [len(rejected_text(r)) for r in pairs]
@@ -47,12 +52,13 @@ def main():
         "chosen_len_mean": round(sum(chosen) / len(chosen), 2),
         "rejected_len_mean": round(sum(rejected) / len(rejected), 2),
         "test_overlap": overlap,
+        "system_prompts_dropped": 0 if p["keep_system"] else with_system,
     }
     write_json("metrics/trainset.json", {"trainset": metrics})
     log.info("strategy %s: %d records minus %d sharing a test prompt = pool %d; %d pass the filter; kept %d "
-             "(mean chosen %.1f chars, rejected %.1f chars); overlap with test set: %d",
+             "(mean chosen %.1f chars, rejected %.1f chars); overlap with test set: %d; system prompts dropped: %d",
              p["strategy"], len(records), metrics["excluded_as_test_prompt"], len(pool), passed, len(pairs),
-             metrics["chosen_len_mean"], metrics["rejected_len_mean"], overlap)
+             metrics["chosen_len_mean"], metrics["rejected_len_mean"], overlap, metrics["system_prompts_dropped"])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import pytest
 from ernie_dpo import engine
 
 TRAIN = dict(max_steps=10, warmup_steps=2, global_batch_size=4, learning_rate=1e-4, fine_tuning="lora",
-             loss_type="sigmoid", beta=0.1, lora_rank=8, lora_alpha=16, seed=42, max_seq_len=256, max_prompt_len=128)
+             loss_type="sigmoid", beta=0.1, lora_rank=8, seed=42, max_seq_len=256, max_prompt_len=128)
 
 
 def test_cpu_dpo_lora_config_has_the_settings_a_cpu_needs():
@@ -36,7 +36,7 @@ def test_launch_commands():
     assert engine.launch_command("train", "x.yaml", "cpu") == [sys.executable, "-m", "ernie_dpo.engine", "train", "x.yaml"]
     gpu = engine.launch_command("train", "logs/x.yaml", "gpu", devices="0,1")
     assert gpu[1:3] == ["-m", "paddle.distributed.launch"] and gpu[gpu.index("--gpus") + 1] == "0,1"
-    assert gpu[-3].endswith("paddleformers/cli/launcher.py") and gpu[-2:] == ["train", "logs/x.yaml"]
+    assert gpu[-3].endswith("ernie_dpo/engine.py") and gpu[-2:] == ["train", "logs/x.yaml"]
 
 
 def test_parse_a_real_dpo_step_line():
@@ -49,3 +49,16 @@ def test_parse_a_real_dpo_step_line():
     assert s["rewards/margins"] == pytest.approx(0.41025) and s["logps/chosen"] == pytest.approx(-3.73312)
     assert engine.parse_log_line("global_step is mentioned but no numbers") is None
     assert engine.parse_log_line("loss: 0.3") is None
+
+
+def test_checkpoints_use_one_resumable_format_on_every_device():
+    """flex_checkpoint (the engine's default) on a GPU left no optimizer index, so train removed every checkpoint."""
+    for device in ("cpu", "gpu"):
+        cfg = engine.dpo_config("m", "t", "o", device, {**TRAIN, "save_steps": 5})
+        assert cfg["save_checkpoint_format"] == cfg["load_checkpoint_format"] == "unified_checkpoint", device
+        assert cfg["save_steps"] == 5
+
+
+def test_lora_alpha_is_not_passed_the_engine_ignores_it():
+    cfg = engine.dpo_config("m", "t", "o", "cpu", TRAIN)
+    assert "lora_alpha" not in cfg and cfg["lora_rank"] == 8  # (-S train.lora_alpha=... fails: tests/test_docs.py)

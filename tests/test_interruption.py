@@ -96,3 +96,33 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_repo):
     assert json.loads((root / "metrics/train.json").read_text())["dpo"]["global_step"] == 40
 
 
+
+
+def test_a_stopped_stage_ends_its_engine_process_group(tiny_repo):
+    """SIGTERM (what dvc or a scheduler sends) or Ctrl-C to the STAGE, not its group: the engine must not outlive it."""
+    import psutil
+
+    repo = tiny_repo
+    root = repo.root
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics/baseline.json").write_text('{"baseline": {"len_mean": 50}}')
+    repo("trainset")
+    for key, value in {"train.max_steps": 400, "train.fine_tuning": "lora", "train.max_seq_len": 128}.items():
+        repo.set_param(key, value)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = subprocess.Popen([sys.executable, "stages/train.py"], cwd=root, env=venv_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = root / "logs/train/engine.log"
+        deadline = time.time() + 180
+        while not (log.exists() and "global_step: 2," in log.read_text()):  # the engine is training
+            assert proc.poll() is None and time.time() < deadline, "training never started"
+            time.sleep(0.2)
+        engine_procs = psutil.Process(proc.pid).children(recursive=True)
+        assert engine_procs
+        proc.send_signal(sig)
+        start = time.time()
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(engine_procs, timeout=15)
+        assert alive == [], f"engine processes left running after {sig!r}: {alive}"
+        assert time.time() - start < 20
+        assert not (root / "models/train").exists()

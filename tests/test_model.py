@@ -8,7 +8,7 @@ from ernie_dpo.data import to_messages
 from ernie_dpo.generate import generate_all
 
 TRAIN = dict(max_steps=3, warmup_steps=1, global_batch_size=4, learning_rate=1e-3, fine_tuning="lora",
-             loss_type="sigmoid", beta=0.1, lora_rank=4, lora_alpha=8, seed=42, max_seq_len=128, max_prompt_len=64)
+             loss_type="sigmoid", beta=0.1, lora_rank=4, seed=42, max_seq_len=128, max_prompt_len=64)
 
 
 @pytest.fixture(scope="module")
@@ -86,18 +86,21 @@ def test_engine_failure_raises_with_the_log_tail(tmp_path):
 def test_generation_resumes_after_an_interruption(tiny_base, sample_records, tmp_path):
     tests = [{"id": r["id"], "messages": to_messages(r, False)} for r in sample_records[:6]]
     kwargs = dict(top_p=0.7, temperature=0.7, max_dec_len=12, batch_size=2, seed=5, device="cpu")
-    full = generate_all(tests, tmp_path / "full.jsonl", tiny_base, **kwargs)
+    full, info = generate_all(tests, tmp_path / "full.jsonl", tiny_base, **kwargs)
+    assert info["prompts_generated"] == 6 and info["threads"] >= 1 and info["top_k"] == "off"
     assert [r["id"] for r in full] == [t["id"] for t in tests]
     assert all(r["messages"][-1] == {"role": "assistant", "content": r["reply"]} for r in full)
     assert all(r["finish_reason"] in ("eos", "length") and 0 <= r["tokens"] <= 12 for r in full)
 
-    # an interrupted run: the first batch written, then a line torn by the kill
+    # an interrupted run: two replies written, then a line torn by the kill
     lines = (tmp_path / "full.jsonl").read_text().splitlines(True)
     (tmp_path / "cut.jsonl").write_text("".join(lines[:2]) + lines[2][:15])
-    resumed = generate_all(tests, tmp_path / "cut.jsonl", tiny_base, **kwargs)
-    assert resumed == full  # same seeds per batch: the resumed run writes what the uninterrupted one did
+    resumed, info = generate_all(tests, tmp_path / "cut.jsonl", tiny_base, **kwargs)
+    assert info["prompts_generated"] == 4
+    assert resumed == full  # per-prompt seeds: the resumed run writes what the uninterrupted one did
     assert len(read_jsonl(tmp_path / "cut.jsonl")) == 6
 
     # nothing left to do: the model is not even loaded (a missing model dir would fail otherwise)
-    again = generate_all(tests, tmp_path / "cut.jsonl", tmp_path / "no-model-here", **kwargs)
+    again, info = generate_all(tests, tmp_path / "cut.jsonl", tmp_path / "no-model-here", **kwargs)
+    assert info["prompts_generated"] == 0
     assert again == full

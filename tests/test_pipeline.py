@@ -86,13 +86,27 @@ def repo(tmp_path_factory):
 def test_repro_writes_every_metric_and_keeps_test_prompts_out(repo):
     m = {f: json.loads((repo / "metrics" / f).read_text()) for f in
          ("prepare.json", "data.json", "testset.json", "base_model.json", "baseline.json", "trainset.json",
-          "train.json", "tuned.json", "probes_baseline.json", "probes_tuned.json")}
+          "train.json", "tuned.json", "probes_baseline.json", "probes_tuned.json", "infer_baseline.json",
+          "infer_tuned.json")}
     assert m["prepare.json"]["prepare"]["records_read"] == 480
     assert m["testset.json"]["testset"]["prompts"] == 12
     assert m["trainset.json"]["trainset"]["test_overlap"] == 0
     assert m["baseline.json"]["baseline"]["replies"] == 12 and m["baseline.json"]["baseline"]["model"] == "tiny"
     assert set(m["tuned.json"]) == {"tuned", "delta"} and "len_median_ci_low" in m["tuned.json"]["delta"]
     assert m["train.json"]["dpo"]["global_step"] == 4
+    # pairs trained = pairs reported: every pair the trainset stage wrote is counted as trained or skipped, the
+    # engine is handed exactly the trained ones, and its own log shows no skip
+    dpo, pairs = m["train.json"]["dpo"], m["trainset.json"]["trainset"]["pairs"]
+    assert dpo["pairs_offered"] == pairs
+    assert dpo["pairs_trained"] == pairs - dpo["pairs_skipped_too_long"] - dpo["pairs_skipped_prompt_too_long"]
+    assert len((repo / "logs/train/pairs.jsonl").read_text().splitlines()) == dpo["pairs_trained"]
+    assert "[SKIP]" not in (repo / "logs/train/engine.log").read_text()
+    assert m["trainset.json"]["trainset"]["system_prompts_dropped"] > 0  # the recipe drops them from training
+    assert not any("system" in json.loads(x) for x in (repo / "data/trainset/train.jsonl").read_text().splitlines())
+    for role in ("baseline", "tuned"):
+        info = json.loads((repo / f"metrics/infer_{role}.json").read_text())[f"infer_{role}"]
+        assert info["top_k"] == "off" and info["threads"] >= 1 and info["device"] == "cpu", info
+        assert info["stop_tokens"] == ["</s>", "<|end_of_sentence|>"] and info["prompts_generated"] == 12
     loss = (repo / "metrics/dvclive/plots/metrics/loss.tsv").read_text().splitlines()
     assert loss[0].split("\t") == ["step", "loss"] and len(loss) == 5  # header + one row per step
     assert (repo / "logs/train/dpo.yaml").exists() and "global_step: 4" in (repo / "logs/train/engine.log").read_text()

@@ -57,6 +57,8 @@ def test_report_rows_follow_the_recipe_layout_and_name_what_is_missing():
     text = render([{"typ": "baseline", "rev": "abc1234ffff"}] + rows, ["exp2", "exp4"])
     assert "experiments of commit abc1234" in text
     assert "tiny demo model" in text and "| exp4 " in text and "888.8" in text  # recipe reference shown apart
+    for published in ("888.8", "879.5", "864.7", "1145.1", "628.1", "| 515 ", "| 442 ", "| 354 ", "| 412 ", "| 331 "):
+        assert published in text, published  # all five recipe rows, as published
 
 
 def test_null_metrics_show_as_a_dash():

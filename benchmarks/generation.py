@@ -1,0 +1,185 @@
+"""Generation speed and memory, this project vs Hugging Face transformers on the same weights (figures, not tests).
+
+    python benchmarks/generation.py                          # tiny demo model (models/base) + SmolLM2-135M
+    python benchmarks/generation.py --peer-python /path/to/peer-venv/bin/python    # + transformers, same run
+    python benchmarks/generation.py --models smol --quick    # fewer prompts
+
+The peer venv: python3 -m venv peer && peer/bin/pip install -r benchmarks/requirements-peer.txt (torch CPU +
+transformers; never part of the main install). Both frameworks get the same token ids (the model's own chat
+template, encoded once here), the same weights directory, the same sampling (top_p 0.7, temperature 0.7, no top_k),
+the same stop token and max_new_tokens, and the same number of CPU threads.
+
+Prompts: 16 real-format chat prompts of mixed length (short questions, multi-turn conversations, and long "summarize
+these notes" prompts of up to ~1000 tokens), built deterministically from the bundled sample.
+Rows: replies/s and new tokens/s at batch 1 and batch 8, in two modes: "sampling" (replies end at the stop token)
+and "forced" (every reply runs to max_new_tokens; same work for both frameworks whatever they sample).
+Memory: peak RSS of local inference on 25 and 100 prompts (tiny model), each in a fresh process.
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def bench_prompts(n, seed=0):
+    """n chat prompts ({"id", "messages"}) of mixed length, deterministic, from the bundled sample."""
+    from ernie_dpo.data import load_sharegpt, prepare_records, to_messages
+
+    records, _, _ = prepare_records(load_sharegpt(ROOT / "data/sample/sharegpt_dpo_sample.json"))
+    rng = random.Random(seed)
+    single = [r for r in records if not r["tgt"]]
+    multi = [r for r in records if r["tgt"]]
+    notes = [r["response"][1][0] for r in records]
+    out = []
+    for k in range(n):
+        kind = k % 4
+        if kind == 0:
+            messages = to_messages(rng.choice(single), keep_system=False)
+        elif kind == 1:
+            messages = to_messages(rng.choice(multi), keep_system=False)
+        else:  # long: notes of ~1500 (kind 2) or ~4000 (kind 3) characters to summarize
+            budget, text = (1500 if kind == 2 else 4000), []
+            while sum(map(len, text)) < budget:
+                text.append(rng.choice(notes))
+            messages = [{"role": "user", "content": "Here are my notes:\n\n" + "\n\n".join(text) +
+                         "\n\nSummarize them in two sentences."}]
+        out.append({"id": f"bench-{k}", "messages": messages})
+    return out
+
+
+def smol_dir(cache):
+    """SmolLM2-135M converted once into a cache folder (the base_model stage's conversion)."""
+    from ernie_dpo import engine, gguf_model
+
+    d = Path(cache) / "smollm2-135m"
+    if not (d / "config.json").exists():
+        gguf_model.convert("smollm2-135m", d)
+        engine.prepare_model_dir(d, "cpu")
+    return d
+
+
+def ours(model_dir, prompts, batch, max_new, forced, repeat=1):
+    from ernie_dpo.generate import LocalModel
+
+    lm = LocalModel(model_dir, "cpu")
+    if forced:
+        lm.stops = {}  # never stop: every reply runs to max_new
+    lm.answer(prompts[:2], 0.7, 0.7, 4, batch, 0)  # warm-up
+    best = None
+    for _ in range(repeat):
+        start = time.time()
+        recs = lm.answer(prompts, 0.7, 0.7, max_new, batch, 2025)
+        secs = time.time() - start
+        tokens = sum(r["tokens"] for r in recs.values())
+        if best is None or secs < best[0]:
+            best = (secs, tokens)
+    return {"seconds": best[0], "tokens": best[1], "replies": len(prompts), "threads": lm.threads}
+
+
+def encoded(model_dir, prompts):
+    from ernie_dpo.generate import LocalModel, prompt_ids
+
+    lm = LocalModel(model_dir, "cpu")
+    return [prompt_ids(lm.tokenizer, p["messages"]) for p in prompts], sorted(lm.stops)
+
+
+def peer(python, model_dir, prompt_ids, stops, batch, max_new, forced, threads):
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps({"model": str(model_dir), "prompts": prompt_ids, "stops": stops, "batch": batch,
+                                    "max_new": max_new, "forced": forced, "threads": threads}))
+        r = subprocess.run([python, str(ROOT / "benchmarks/peer_transformers.py"), str(spec)], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"peer benchmark failed:\n{r.stderr[-3000:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def peak_rss(model_dir, n_prompts, max_new):
+    """Peak RSS (GB) of a fresh process answering n_prompts (local inference, batch 8)."""
+    code = (f"import sys, json, resource; sys.path.insert(0, {str(ROOT)!r}); "
+            "from benchmarks.generation import bench_prompts; from ernie_dpo.generate import LocalModel; "
+            f"lm = LocalModel({str(model_dir)!r}, 'cpu'); "
+            f"lm.answer(bench_prompts({n_prompts}), 0.7, 0.7, {max_new}, 8, 2025); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(r.stdout.strip().splitlines()[-1]) / 1024 / 1024
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["tiny", "smol"], choices=["tiny", "smol"])
+    ap.add_argument("--peer-python", help="interpreter of a venv with benchmarks/requirements-peer.txt")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--max-new", type=int, default=128)
+    ap.add_argument("--quick", action="store_true", help="8 prompts, 64 new tokens, no memory check")
+    ap.add_argument("--cache", default=str(ROOT / ".bench_cache"), help="where the converted SmolLM2 is kept")
+    args = ap.parse_args()
+    if args.quick:
+        args.prompts, args.max_new = 8, 64
+    from tabulate import tabulate
+
+    prompts = bench_prompts(args.prompts)
+    dirs = {}
+    if "tiny" in args.models:
+        if not (ROOT / "models/base/config.json").exists():
+            sys.exit("the tiny model is models/base of the demo: run `dvc repro base_model` (or `dvc pull`) first")
+        dirs["tiny"] = ROOT / "models/base"
+    if "smol" in args.models:
+        dirs["smol"] = smol_dir(args.cache)
+    rows = []
+    for name, d in dirs.items():
+        ids, stops = encoded(d, prompts)
+        lens = sorted(len(i) for i in ids)
+        label = {"tiny": "tiny ERNIE-4.5 demo model (0.5 M)", "smol": "SmolLM2-135M (4-bit GGUF dequantized, fp32)"}[name]
+        print(f"{label}: {len(prompts)} prompts of {lens[0]}-{lens[-1]} tokens (median {lens[len(lens) // 2]}), "
+              f"max_new_tokens {args.max_new}", flush=True)
+        for forced in (False, True):
+            mode = "forced" if forced else "sampling"
+            figures = {}
+            for batch in (1, 8):
+                o = ours(d, prompts, batch, args.max_new, forced)
+                figures[("ours", batch)] = o
+                if args.peer_python:
+                    figures[("transformers", batch)] = peer(args.peer_python, d, ids, stops, batch, args.max_new,
+                                                            forced, o["threads"])
+            for fw in ("ours", "transformers"):
+                if (fw, 1) not in figures:
+                    continue
+                f1, f8 = figures[(fw, 1)], figures[(fw, 8)]
+                tps = {b: figures[(fw, b)]["tokens"] / figures[(fw, b)]["seconds"] for b in (1, 8)}
+                rps = {b: figures[(fw, b)]["replies"] / figures[(fw, b)]["seconds"] for b in (1, 8)}
+                fw_name = ("this project (PaddleFormers model, ernie_dpo.decode)" if fw == "ours"
+                           else "transformers + torch (generate, left-padded batches)")
+                rows.append([name, fw_name, mode, f"{rps[1]:.3f}", f"{rps[8]:.3f}", f"{rps[8] / rps[1]:.2f}x",
+                             f"{tps[1]:.1f}", f"{tps[8]:.1f}", f"{f1['seconds']:.0f} / {f8['seconds']:.0f}"])
+            if args.peer_python:
+                best_ours = max(figures[("ours", b)]["tokens"] / figures[("ours", b)]["seconds"] for b in (1, 8))
+                best_peer = max(figures[("transformers", b)]["tokens"] / figures[("transformers", b)]["seconds"]
+                                for b in (1, 8))
+                rows.append([name, "ratio: best tokens/s, ours / transformers", mode, "", "", "", "", "",
+                             f"{best_ours / best_peer:.2f}x"])
+    threads = len(os.sched_getaffinity(0))
+    print(f"\nmachine: {platform.machine()}, {threads} cores (both frameworks use {threads} threads), "
+          f"Python {platform.python_version()}")
+    print(tabulate(rows, headers=["model", "framework", "mode", "replies/s b1", "replies/s b8", "b8 / b1",
+                                  "new tok/s b1", "new tok/s b8", "seconds b1 / b8"]))
+    if "tiny" in dirs and not args.quick:
+        mem = [[n, f"{peak_rss(dirs['tiny'], n, 64):.2f} GB"] for n in (25, 100)]
+        print("\npeak RSS of local inference (tiny model, batch 8, 64 new tokens, fresh process):")
+        print(tabulate(mem, headers=["prompts", "peak RSS"]))
+    print(f"\nthis process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The real pretrained model: SmolLM2-135M-Instruct from its pinned PyPI package, converted offline, on the engine.
+
+Checks what a user of the smol profile relies on: the conversion is right (a known text scores like a trained
+model, and far worse without the q/k un-permutation), greedy replies are sentences, the stop token comes from the
+model, training and inference feed the model the same prompt tokens (single- and multi-turn), the length count
+agrees with what the engine trains on, and a couple of DPO steps run on it.
+"""
+import copy
+
+import numpy as np
+import pytest
+
+from ernie_dpo import engine, gguf_model
+from ernie_dpo.common import read_jsonl, write_jsonl
+from ernie_dpo.generate import LocalModel, prompt_ids
+
+PARAGRAPH = ("The cat sat on the mat. It was a sunny day, and the children were playing in the park. Their parents "
+             "watched from a bench nearby, talking about the weather and the news.")
+MULTI = {"id": "multi", "system": "You answer briefly.",
+         "src": ["Hi, who are you?", "What is 2 + 2?", "And the capital of Japan?"],
+         "tgt": ["I am an assistant.", "2 + 2 is 4."],
+         "response": [["Tokyo."], ["The capital of Japan is Tokyo, a large city on the island of Honshu."]],
+         "sort": [1, 0]}
+
+
+@pytest.fixture(scope="module")
+def smol_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("smol") / "model"
+    info = gguf_model.convert("smollm2-135m", d)
+    assert engine.prepare_model_dir(d, "cpu") == {"fuse_rms_norm": False}  # no CPU kernel for the fused norm
+    assert info["parameters"] == 134_515_008
+    return d
+
+
+@pytest.fixture(scope="module")
+def smol(smol_dir):
+    return LocalModel(smol_dir, "cpu")
+
+
+def nll_per_token(lm, text):
+    import paddle
+
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    with paddle.no_grad():
+        out = lm.model(input_ids=paddle.to_tensor([ids]))
+    logits = (out[0] if isinstance(out, tuple) else out.logits)[0].numpy().astype("float64")
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return -float(np.mean([logp[i, ids[i + 1]] for i in range(len(ids) - 1)]))
+
+
+def test_the_packaged_file_is_verified_by_sha256(monkeypatch, tmp_path):
+    path = gguf_model.locate("smollm2-135m")
+    assert gguf_model.sha256(path) == gguf_model.SOURCES["smollm2-135m"]["sha256"]
+    monkeypatch.setitem(gguf_model.SOURCES, "smollm2-135m", {**gguf_model.SOURCES["smollm2-135m"], "sha256": "0" * 64})
+    with pytest.raises(gguf_model.SourceError, match="expected 0000"):
+        gguf_model.locate("smollm2-135m")
+
+
+def test_conversion_scores_text_like_a_trained_model_and_needs_the_unpermutation(smol, tmp_path):
+    good = nll_per_token(smol, PARAGRAPH)
+    gguf_model.convert_file(gguf_model.locate("smollm2-135m"), tmp_path / "raw", permuted=False)
+    engine.prepare_model_dir(tmp_path / "raw", "cpu")
+    bad = nll_per_token(LocalModel(tmp_path / "raw", "cpu"), PARAGRAPH)
+    assert good < 3.3, good  # measured 3.0 nats/token; a random 49k-vocab model scores ~10.8
+    assert bad > good + 0.5, (good, bad)
+
+
+def test_greedy_replies_are_sentences_and_stop_at_the_models_end_of_turn(smol):
+    assert list(smol.stops.values()) == ["<|im_end|>"]  # eos, generation config and the template's end of turn
+    qs = ["What is the capital of France?", "Name three primary colors."]
+    out = smol.answer([{"id": str(i), "messages": [{"role": "user", "content": q}]} for i, q in enumerate(qs)],
+                      top_p=0.7, temperature=0.0, max_dec_len=48, batch_size=2, seed=0)
+    assert "Paris" in out["0"]["reply"] and out["0"]["finish_reason"] == "eos"
+    for r in out.values():
+        words = r["reply"].split()
+        assert len(words) >= 3 and r["reply"][0].isupper() and len(set(words)) > len(words) / 2, r["reply"]
+
+
+def engine_training_prompt(tokenizer, rec, max_seq_len=4096):
+    """The prompt token ids PaddleFormers' DPO dataset trains on for this record (its own code path)."""
+    from paddleformers.datasets.DPODataset import BaseDPODataSet
+    from paddleformers.datasets.reader.convertor import convert_dpo_txt_data
+
+    ds = object.__new__(BaseDPODataSet)  # only the per-example code, not the file readers
+    ds.tokenizer, ds.max_seq_len, ds.template_backend = tokenizer, max_seq_len, "jinja"
+    ds.split_multi_turn, ds.efficient_eos = False, True
+    example = ds._preprocess_dpo_example(convert_dpo_txt_data(copy.deepcopy(rec)))
+    return ds._BaseDPODataSet__postprocess_before_concat(example)[0]
+
+
+@pytest.mark.parametrize("rec", [{**MULTI, "src": MULTI["src"][-1:], "tgt": []}, MULTI,
+                                 {k: v for k, v in MULTI.items() if k != "system"}], ids=["single", "multi", "no-system"])
+def test_training_and_inference_see_the_same_prompt_tokens(smol, rec):
+    from ernie_dpo.data import to_messages
+
+    infer = prompt_ids(smol.tokenizer, to_messages(rec, keep_system=True))
+    engine.use_cumulative_chat_encoding()  # what the engine process does (engine._engine_main)
+    assert engine_training_prompt(smol.tokenizer, rec) == infer
+    text = smol.tokenizer.decode(infer)
+    assert text.count("<|im_start|>system") == 1 and text.endswith("<|im_start|>assistant\n")
+
+
+def test_the_engines_default_encoding_would_differ_on_multi_turn(smol):
+    """Why the engine is switched to cumulative encoding: its default gives every later turn the template's
+    default system prompt again (what the issue measured), so training prompts differed from inference."""
+    from ernie_dpo.data import to_messages
+
+    engine.use_cumulative_chat_encoding()
+    rec = {k: v for k, v in MULTI.items() if k != "system"}
+    turns = type(smol.tokenizer)._engine_default_one_turn(smol.tokenizer, {"messages": to_messages(rec, True)})
+    default = [i for t in turns for part in t for i in part]
+    assert smol.tokenizer.decode(default).count("<|im_start|>system") == 3
+    assert default != prompt_ids(smol.tokenizer, to_messages(rec, True))
