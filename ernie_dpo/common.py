@@ -77,3 +77,42 @@ def fingerprint(paths, params):
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ inference progress (local and served alike)
+
+
+def reply_record(test, reply, tokens, finish):
+    """One answered prompt: the test messages + the reply as the last (assistant) message."""
+    return {"id": test["id"], "messages": test["messages"] + [{"role": "assistant", "content": reply}],
+            "reply": reply, "tokens": tokens, "finish_reason": finish}
+
+
+def append_progress(f, rec):
+    """Append one finished reply to an open progress file, on disk at once (a kill loses no finished reply)."""
+    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_progress(out_path):
+    """{id: record} of the complete lines of a previous (maybe interrupted) run; a torn last line is cut off."""
+    done = {}
+    path = Path(out_path)
+    if not path.exists():
+        return done
+    good_bytes = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # killed mid-write: drop the partial line
+            try:
+                rec = json.loads(raw)
+            except json.JSONDecodeError:
+                break
+            done[rec["id"]] = rec
+            good_bytes += len(raw)
+    if good_bytes != path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return done

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import decode
-from .common import get_logger
+from .common import append_progress, get_logger, read_progress, reply_record
 from . import engine
 
 log = get_logger("generate")
@@ -85,34 +85,6 @@ def stop_tokens(tokenizer, model_dir, extra=()):
     return {i: tokenizer.convert_ids_to_tokens(i) for i in sorted(ids)}
 
 
-def read_done(out_path):
-    """Completed lines of a previous (maybe interrupted) run; a torn last line is cut off the file."""
-    done = {}
-    path = Path(out_path)
-    if not path.exists():
-        return done
-    good_bytes = 0
-    with open(path, "rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break  # killed mid-write: drop the partial line
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError:
-                break
-            done[rec["id"]] = rec
-            good_bytes += len(raw)
-    if good_bytes != path.stat().st_size:
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
-    return done
-
-
-def record(test, reply, tokens, finish):
-    return {"id": test["id"], "messages": test["messages"] + [{"role": "assistant", "content": reply}],
-            "reply": reply, "tokens": tokens, "finish_reason": finish}
-
-
 class LocalModel:
     """A model directory loaded for sampling; answer() is what local inference and the dev server share."""
 
@@ -135,7 +107,7 @@ class LocalModel:
 
         def on_done(i, ids, finish):
             reply = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            out[tests[i]["id"]] = rec = record(tests[i], reply, len(ids), finish)
+            out[tests[i]["id"]] = rec = reply_record(tests[i], reply, len(ids), finish)
             if on_record is not None:
                 on_record(rec)
 
@@ -152,7 +124,7 @@ def generate_all(tests, out_path, model_dir, top_p, temperature, max_dec_len, ba
     Returns (records in test order, run info for the metrics)."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = read_done(out_path)
+    done = read_progress(out_path)
     todo = [t for t in tests if t["id"] not in done]
     if done:
         log.info("resuming: %d of %d prompts already answered in %s", len(tests) - len(todo), len(tests), out_path)
@@ -170,9 +142,7 @@ def generate_all(tests, out_path, model_dir, top_p, temperature, max_dec_len, ba
                                                               unit="prompt") as bar:
             def write(rec):
                 nonlocal tokens
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                append_progress(f, rec)
                 done[rec["id"]] = rec
                 tokens += rec["tokens"]
                 bar.update(1)
@@ -185,20 +155,55 @@ def generate_all(tests, out_path, model_dir, top_p, temperature, max_dec_len, ba
     return [done[t["id"]] for t in tests], info
 
 
-def answer_all(tests, out_path, model_dir, role, params):
-    """Answer `tests` with the backend params["infer"]["backend"] names: "local" samples with the model directory
-    here; "openai" sends the prompts to the server infer.openai.<role>_url (role: baseline | tuned), which must be
-    serving that same model directory. Same records and resume behaviour either way. Returns (records, run info)."""
+def answer_all(tests, out_path, model_dir, role, params, server_log):
+    """Answer `tests` with the backend infer.backend names. Same records and resume behaviour whatever the backend.
+    Returns (records, run info for the metrics).
+
+    local:   sample here with the model directory (ernie_dpo.decode).
+    managed: start infer.managed.command on the model directory, verify it serves that model, query it, stop it
+             (ernie_dpo.managed); the server's log goes to `server_log`.
+    openai:  a server someone else runs, at infer.openai.<role>_url (role: baseline | tuned). It must list
+             infer.openai.model; whether it serves THIS model directory can only be checked when that name is the
+             one managed servers use (managed.served_name), else a warning says so. Refused in queued or temp
+             experiments, whose models/merged no external server can be serving.
+    """
+    from . import managed, openai_client
+
     p, e = params["infer"], params["engine"]
+    Path(server_log).parent.mkdir(parents=True, exist_ok=True)
     if p["backend"] == "local":
+        Path(server_log).write_text("infer.backend=local: no server\n")
         return generate_all(tests, out_path, model_dir, p["top_p"], p["temperature"], p["max_dec_len"],
                             p["batch_size"], p["seed"], e["device"], e["devices"], p.get("stop_tokens") or ())
+    sampling = (p["top_p"], p["temperature"], p["max_dec_len"], p["seed"])
+    o = p["openai"]
+    client = dict(concurrency=o["concurrency"], timeout=o["timeout_s"], max_retries=o["max_retries"])
+    if p["backend"] == "managed":
+        m = p["managed"]
+        with managed.managed_server(m["command"], model_dir, server_log, m["ready_timeout_s"]) as (url, name):
+            start = time.time()
+            records = openai_client.generate_all(tests, out_path, url, name, *sampling, **client)
+            return records, {"backend": "managed", "served_model": name, "command": m["command"][:3],
+                             "seconds": round(time.time() - start, 1), "top_p": p["top_p"],
+                             "temperature": p["temperature"], "max_dec_len": p["max_dec_len"]}
     if p["backend"] == "openai":
-        from . import served
-
-        o = p["openai"]
-        records = served.generate_all(tests, out_path, o[f"{role}_url"], o["model"], p["top_p"], p["temperature"],
-                                      p["max_dec_len"], p["seed"], o["concurrency"], o["timeout_s"], o["max_retries"],
-                                      api_key=os.environ.get(o["api_key_env"]))
-        return records, {"backend": "openai", "url": o[f"{role}_url"]}
-    raise ValueError(f"infer.backend must be 'local' or 'openai', got {p['backend']!r}")
+        if ".dvc/tmp/exps" in str(Path.cwd()):
+            raise openai_client.ServedError(
+                "infer.backend=openai in a queued or temp experiment: its model directory lives in a temp folder no "
+                "external server is serving, so the replies would not be this experiment's model. Use "
+                "infer.backend=managed (the stage starts a server on its own model).")
+        url, key = o[f"{role}_url"], os.environ.get(o["api_key_env"])
+        names = openai_client.served_models(url, api_key=key)
+        if o["model"] not in names:
+            raise openai_client.ServedError(f"{url} serves {names}, not infer.openai.model={o['model']!r}")
+        expected = managed.served_name(model_dir)
+        verified = o["model"] == expected
+        if not verified:
+            log.warning("CANNOT CHECK that %s serves %s: it serves %r. Replies are cached as this model's. Serve it "
+                        "as %r to make the check possible, or use infer.backend=managed.", url, model_dir,
+                        o["model"], expected)
+        Path(server_log).write_text(f"infer.backend=openai: {url} serving {o['model']!r} (model directory "
+                                    f"{'verified' if verified else 'NOT verified'})\n")
+        records = openai_client.generate_all(tests, out_path, url, o["model"], *sampling, api_key=key, **client)
+        return records, {"backend": "openai", "url": url, "served_model": o["model"], "model_verified": verified}
+    raise ValueError(f"infer.backend must be 'local', 'managed' or 'openai', got {p['backend']!r}")

@@ -38,11 +38,12 @@ def reply_metrics(replies, max_dec_len):
     """The recipe's numbers for one model's replies: character lengths (what the recipe reports), token lengths,
     and the signs of a broken model (replies cut at max_dec_len, empty replies)."""
     chars = [len(r["reply"]) for r in replies]
-    tokens = [r["tokens"] for r in replies]
+    tokens = [r["tokens"] for r in replies if r["tokens"] is not None]  # None: a server sent no usage
     out = {}
     out.update({k.replace("len_count", "replies"): v for k, v in describe(chars, "len_").items()})
-    t = describe(tokens, "tokens_")
-    out.update({k: t[k] for k in ("tokens_mean", "tokens_median", "tokens_p90")})
+    t = describe(tokens, "tokens_") if tokens else {}
+    out.update({k: t.get(k) for k in ("tokens_mean", "tokens_median", "tokens_p90")})
+    out["tokens_unknown"] = len(replies) - len(tokens)
     out["cut_at_max_share"] = round(sum(r["finish_reason"] == "length" for r in replies) / len(replies), 4)
     out["empty_share"] = round(sum(not r["reply"].strip() for r in replies) / len(replies), 4)
     out["max_dec_len"] = int(max_dec_len)

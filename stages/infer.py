@@ -2,8 +2,9 @@
 
     python stages/infer.py --model models/base --out data/infer/baseline.jsonl
 
-infer.backend local samples here (batched); openai sends each prompt to the OpenAI-compatible server named by
-infer.openai.baseline_url / tuned_url (by the --out file's name), which must be serving --model.
+infer.backend local samples here (continuous batching); managed starts the server infer.managed.command on --model
+for this stage alone; openai sends each prompt to a server someone runs at infer.openai.baseline_url / tuned_url
+(by the --out file's name). The server's log (or a line saying there was none) goes to logs/servers/infer_<name>.log.
 
 Progress is kept in data/infer/partial/<name>-<key>.jsonl, where <key> hashes the model weights, the test set and the
 infer params: an interrupted run resumes where it stopped, and a run with different inputs never reuses old replies.
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo.common import fingerprint, get_logger, load_params, read_jsonl, write_json, write_jsonl  # noqa: E402
 from ernie_dpo import engine  # noqa: E402
 from ernie_dpo.generate import answer_all  # noqa: E402
-from ernie_dpo.served import ServedError  # noqa: E402
+from ernie_dpo.openai_client import ServedError  # noqa: E402
 
 log = get_logger("infer")
 
@@ -31,16 +32,17 @@ def main():
     params = load_params()
     p, device = params["infer"], params["engine"]["device"]
     role = Path(args.out).stem  # baseline | tuned: picks the server with infer.backend=openai
-    engine.require_device(params, "infer", local=p["backend"] == "local")  # a server needs no device here
+    engine.require_device(params, "infer", local=p["backend"] == "local")  # a server brings its own device
     test_path = "data/testset/testset.jsonl"
     tests = read_jsonl(test_path)
     partial = Path("data/infer/partial") / f"{Path(args.out).stem}-{fingerprint([args.model, test_path], [p, device])}.jsonl"
-    where = (f"model {args.model}, batch {p['batch_size']}" if p["backend"] == "local" else
-             f"server {p['openai'][role + '_url']} (serving {args.model}), {p['openai']['concurrency']} at a time")
+    where = {"local": f"model {args.model}, batch {p['batch_size']}",
+             "managed": f"a server started on {args.model} ({p['managed']['command'][:3]}...)",
+             "openai": f"server {p['openai'][role + '_url']} (serving {args.model})"}.get(p["backend"], p["backend"])
     log.info("%d prompts, %s, top_p %s, temperature %s, max_dec_len %d (progress: %s)", len(tests), where, p["top_p"],
              p["temperature"], p["max_dec_len"], partial)
     try:
-        records, run_info = answer_all(tests, partial, args.model, role, params)
+        records, run_info = answer_all(tests, partial, args.model, role, params, f"logs/servers/infer_{role}.log")
     except ServedError as e:
         sys.exit(f"infer: {e}")
     write_jsonl(args.out, records)

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo.common import fingerprint, get_logger, load_params, read_json, write_json, write_jsonl  # noqa: E402
 from ernie_dpo import engine  # noqa: E402
 from ernie_dpo.generate import answer_all  # noqa: E402
-from ernie_dpo.served import ServedError  # noqa: E402
+from ernie_dpo.openai_client import ServedError  # noqa: E402
 from ernie_dpo.probes import ProbeError, expand, load_probes, retention, score  # noqa: E402
 
 log = get_logger("probe")
@@ -39,7 +39,7 @@ def main():
     log.info("%d probes x %d samples, model %s, same sampling as infer (top_p %s, temperature %s, max_dec_len %d)",
              len(probes), samples, args.model, p["top_p"], p["temperature"], p["max_dec_len"])
     try:
-        replies, run_info = answer_all(asks, partial, args.model, args.name, params)
+        replies, run_info = answer_all(asks, partial, args.model, args.name, params, f"logs/servers/probe_{args.name}.log")
     except ServedError as e:
         sys.exit(f"probe: {e}")
     metrics, rows = score(probes, replies)

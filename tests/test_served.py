@@ -1,5 +1,6 @@
-"""infer.backend=openai end to end: this project's OpenAI-compatible server serving the tiny model on loopback,
-the real infer stage as its client, a real kill and resume; retries and errors against real flaky servers."""
+"""Served inference end to end: this project's dev server serving the tiny model on loopback, the real infer stage
+as its client (a real kill and resume), retries and errors against real flaky servers, a corpus of bad requests,
+Ctrl-C of a served run."""
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 
 from conftest import LoopbackServer, free_port, venv_env
-from ernie_dpo import served
+from ernie_dpo import managed, openai_client as served
 from test_interruption import kill_when, start
 
 KEYS = {"id", "messages", "reply", "tokens", "finish_reason"}
@@ -20,8 +21,10 @@ KEYS = {"id", "messages", "reply", "tokens", "finish_reason"}
 def served_repo(tiny_repo):
     run_stage = tiny_repo
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "ernie_dpo.serve", "--model", "models/base", "--port", str(port)],
-                              cwd=run_stage.root, env=venv_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    name = managed.served_name(run_stage.root / "models/base")  # what the stage can check it against
+    server = subprocess.Popen([sys.executable, "-m", "ernie_dpo.dev_server", "--model", "models/base", "--port",
+                               str(port), "--name", name], cwd=run_stage.root, env=venv_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 120
     while True:
@@ -32,8 +35,9 @@ def served_repo(tiny_repo):
             if server.poll() is not None or time.time() > deadline:
                 pytest.fail(f"server did not start: {server.stderr.read().decode()[-2000:]}")
             time.sleep(0.3)
-    assert models["data"][0]["id"] == "models/base"
+    assert models["data"][0]["id"] == name
     run_stage.set_param("infer.openai.baseline_url", url)
+    run_stage.set_param("infer.openai.model", name)
     run_stage.set_param("infer.openai.concurrency", 3)
     yield run_stage, url
     server.terminate()
@@ -69,11 +73,22 @@ def test_openai_backend_writes_what_local_inference_writes_and_resumes(served_re
         assert s["finish_reason"] in ("eos", "length") and isinstance(s["tokens"], int) and 0 <= s["tokens"] <= 24
     assert sum(bool(s["reply"]) for s in served_out) >= 6  # the tiny model answers through the server too
     assert url in r.stderr  # the log says where the replies came from
+    assert "verified" in (root / "logs/servers/infer_baseline.log").read_text()
+    info = json.loads((root / "metrics/infer_baseline.json").read_text())["infer_baseline"]
+    assert info["backend"] == "openai" and info["model_verified"] is True
+
+
+def test_an_external_server_for_another_model_is_refused_or_flagged(served_repo):
+    repo, url = served_repo
+    repo.set_param("infer.backend", "openai")
+    repo.set_param("infer.openai.model", "some-other-model")
+    r = repo("infer", check=False, args=["--model", "models/base", "--out", "data/infer/baseline.jsonl"])
+    assert r.returncode != 0 and "not infer.openai.model='some-other-model'" in r.stderr
 
 
 def test_the_server_samples_reproducibly_per_seed(served_repo):
     _, url = served_repo
-    ask = dict(base_url=url, model="m", messages=[{"role": "user", "content": "What is the capital of France?"}],
+    ask = dict(base_url=url, model=served.served_models(url)[0], messages=[{"role": "user", "content": "What is the capital of France?"}],
                top_p=0.7, temperature=0.7, max_tokens=24, timeout=60)
     assert served.chat(seed=5, **ask) == served.chat(seed=5, **ask)
 
@@ -135,3 +150,63 @@ def test_a_bad_request_or_a_dead_server_stops_naming_the_prompt(tmp_path):
     bad.close()
     with pytest.raises(served.ServedError, match="failed 3 times"):
         run(f"http://127.0.0.1:{free_port()}/v1", tmp_path / "dead", retries=2)
+
+
+def test_a_reply_without_usage_is_recorded_as_unknown_tokens(tmp_path):
+    class NoUsage(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = LoopbackServer(NoUsage, "/v1")
+    out = run(srv.url, tmp_path)
+    srv.close()
+    assert [o["tokens"] for o in out] == [None, None, None]
+    from ernie_dpo.stats import reply_metrics
+
+    m = reply_metrics(out, max_dec_len=16)  # evaluate copes: lengths in chars, tokens unknown
+    assert m["len_mean"] == 2 and m["tokens_mean"] is None and m["tokens_unknown"] == 3
+
+
+def test_ctrl_c_stops_a_served_run_within_seconds(tiny_repo, tmp_path):
+    """A server whose replies take a minute: Ctrl-C must not wait for the requests in flight (nor retries)."""
+    class Slow(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            body = json.dumps({"data": [{"id": "slow"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            time.sleep(60)
+
+    srv = LoopbackServer(Slow, "/v1")
+    repo = tiny_repo
+    for k, v in {"infer.backend": "openai", "infer.openai.baseline_url": srv.url, "infer.openai.model": "slow",
+                 "infer.openai.concurrency": 4, "infer.openai.timeout_s": 600, "infer.openai.api_key_env": "TEST_KEY"}.items():
+        repo.set_param(k, v)
+    env = {**venv_env(), "TEST_KEY": "sk-secret-never-logged"}
+    proc = subprocess.Popen([sys.executable, "stages/infer.py", "--model", "models/base", "--out",
+                             "data/infer/baseline.jsonl"], cwd=repo.root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    time.sleep(8)  # the requests are in flight (imports take a few seconds)
+    assert proc.poll() is None
+    import signal
+
+    start = time.time()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    srv.close()
+    assert time.time() - start < 10, f"took {time.time() - start:.1f} s to stop"
+    assert proc.returncode != 0 and "sk-secret-never-logged" not in out
