@@ -175,7 +175,7 @@ def sft_config(model, data_path, out_dir, device, seed, max_seq_len, max_steps, 
 
 def dpo_config(model, data_path, out_dir, device, p, e=None):
     """DPO with the train.* params `p` (max_steps, warmup_steps, global_batch_size, learning_rate, fine_tuning,
-    loss_type, beta, lora_rank, seed, max_seq_len, max_prompt_len, save_steps) and the engine.* params
+    loss_type, beta, sft_loss_ratio, lora_rank, seed, max_seq_len, max_prompt_len, save_steps) and the engine.* params
     `e` (devices, nnodes, tensor_parallel, sharding_parallel, sharding_stage) for more than one device.
 
     No lora_alpha: PaddleFormers 1.2's DPO workflow ignores it and always uses lora_alpha = 2 x lora_rank
@@ -190,6 +190,7 @@ def dpo_config(model, data_path, out_dir, device, p, e=None):
         "max_prompt_len": int(p["max_prompt_len"]),
         "loss_type": p["loss_type"],
         "beta": float(p["beta"]),
+        "sft_loss_ratio": float(p.get("sft_loss_ratio", 0.0)),  # + ratio x NLL of the chosen answer (0: plain DPO)
     })
     if e is not None:
         cfg.update(parallel_settings(device, e["devices"], e["nnodes"], int(p["global_batch_size"]),

@@ -1,6 +1,5 @@
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -106,10 +105,10 @@ def tiny_repo(run_stage, tiny_base):
 
 
 def free_port():
-    """A loopback port nothing listens on (right now)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on (right now): the managed backend's own helper."""
+    from ernie_dpo.managed import free_port as pick
+
+    return pick()
 
 
 class LoopbackServer:

@@ -104,3 +104,43 @@ def test_generation_resumes_after_an_interruption(tiny_base, sample_records, tmp
     again, info = generate_all(tests, tmp_path / "cut.jsonl", tmp_path / "no-model-here", **kwargs)
     assert info["prompts_generated"] == 0
     assert again == full
+
+
+def test_the_length_count_agrees_with_what_the_engine_skips(tiny_base, sample_records, tmp_path):
+    """engine.fit_pairs predicts the engine's own [SKIP]s: hand the engine the unfiltered pairs and it skips the ones
+    the count called too long; hand it the filtered ones and it skips none."""
+    from paddleformers.transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    long_answer = " ".join(["This answer goes on and on."] * 60)
+    too_long = [{**r, "id": f"long{k}", "response": [r["response"][0], [long_answer]]}
+                for k, r in enumerate(sample_records[:3])]
+    pairs = sample_records[3:11] + too_long
+    kept, counts, tokens = engine.fit_pairs(tok, pairs, max_seq_len=128, max_prompt_len=64)
+    assert counts["too_long"] == 3 and len(kept) == len(pairs) - 3 - counts["prompt_too_long"]
+    assert max(tokens) <= 128
+
+    def skips(records, name):
+        write_jsonl(tmp_path / f"{name}.jsonl", records)
+        cfg = engine.dpo_config(tiny_base, tmp_path / f"{name}.jsonl", tmp_path / name, "cpu",
+                                {**TRAIN, "max_steps": 2, "global_batch_size": 4})
+        engine.run(engine.launch_command("train", engine.write_config(cfg, tmp_path / f"{name}.yaml"), "cpu"),
+                   tmp_path / f"{name}.log")
+        return engine.engine_skips((tmp_path / f"{name}.log").read_text())
+
+    assert skips(pairs, "unfiltered") >= 1  # the engine drops them, logging only the first few
+    assert skips(kept, "filtered") == 0
+
+
+def test_early_turns_that_do_not_fit_are_counted_as_truncated(tiny_base):
+    from paddleformers.transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    engine.use_cumulative_chat_encoding()
+    history = " ".join(["An early turn with many words in it."] * 20)
+    rec = {"id": "m", "src": [history, "Short question?"], "tgt": [history], "response": [["Yes."], ["No, not at all."]],
+           "sort": [1, 0]}
+    status, prompt, total = engine.pair_fit(tok, rec, max_seq_len=64, max_prompt_len=64)
+    assert status == "history_truncated" and total <= 64
+    assert engine.pair_fit(tok, rec, max_seq_len=4096, max_prompt_len=4096)[0] == "fits"
+    assert engine.pair_fit(tok, rec, max_seq_len=4096, max_prompt_len=16)[0] == "prompt_too_long"

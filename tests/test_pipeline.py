@@ -245,3 +245,50 @@ def test_experiments_and_their_data_reach_a_teammate_through_git_and_the_dvc_rem
     assert len(replies) == 12
     r = dvc("status", "evaluate_tuned", cwd=clone)
     assert "changed" not in r.stdout
+
+
+def server_processes():
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if "ernie_dpo.dev_server" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_managed_backend_starts_its_own_server_answers_like_local_and_leaves_nothing_running(repo):
+    import re
+    import socket
+
+    local = {f: (repo / f).read_text() for f in ("data/infer/baseline.jsonl", "data/infer/tuned.jsonl")}
+    r = dvc("exp", "run", "-S", "infer.backend=managed", cwd=repo)
+    assert {"infer_baseline", "probe_baseline", "infer_tuned", "probe_tuned"} <= set(ran(r.stdout)), r.stdout
+    for role in ("baseline", "tuned"):
+        info = json.loads((repo / f"metrics/infer_{role}.json").read_text())[f"infer_{role}"]
+        assert info["backend"] == "managed" and info["served_model"].startswith(("base-", "merged-")), info
+        # per-prompt seeds + the same sampling code: the server's replies are the local ones, byte for byte
+        assert (repo / f"data/infer/{role}.jsonl").read_text() == local[f"data/infer/{role}.jsonl"]
+    assert server_processes() == []  # every server was stopped
+    ports = [int(p) for f in (repo / "logs/servers").glob("*.log")
+             for p in re.findall(r"http://127\.0\.0\.1:(\d+)/v1", f.read_text())]
+    assert len(ports) == 4
+    for port in ports:  # and no port is held
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    sh(["git", "checkout", "--", "."], repo)
+    dvc("checkout", "-f", cwd=repo)
+
+
+def test_queued_experiments_are_answered_by_their_own_tuned_models(repo):
+    for steps in (2, 3):
+        dvc("exp", "run", "--queue", "-n", f"managed{steps}", "-S", "infer.backend=managed", "-S",
+            f"train.max_steps={steps}", cwd=repo)
+    dvc("exp", "run", "--run-all", cwd=repo)
+    exps = experiments(json.loads(dvc("exp", "show", "--json", cwd=repo).stdout))
+    served = {n: (exps[n]["metrics"]["infer_baseline.served_model"], exps[n]["metrics"]["infer_tuned.served_model"])
+              for n in ("managed2", "managed3")}
+    assert served["managed2"][0] == served["managed3"][0]  # the same base model: the same name
+    assert served["managed2"][1] != served["managed3"][1]  # two trainings: two tuned models, two servers
+    assert all(s[1].startswith("merged-") for s in served.values()) and server_processes() == []
+
+
+def test_an_external_server_is_refused_in_a_temp_experiment(repo):
+    r = dvc("exp", "run", "--temp", "-S", "infer.backend=openai", cwd=repo, check=False)
+    assert r.returncode != 0 and "queued or temp experiment" in (r.stdout + r.stderr)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ernie_dpo import engine, gguf_model
-from ernie_dpo.common import read_jsonl, write_jsonl
+from ernie_dpo.common import write_jsonl
 from ernie_dpo.generate import LocalModel, prompt_ids
 
 PARAGRAPH = ("The cat sat on the mat. It was a sunny day, and the children were playing in the park. Their parents "
@@ -112,3 +112,21 @@ def test_the_engines_default_encoding_would_differ_on_multi_turn(smol):
     default = [i for t in turns for part in t for i in part]
     assert smol.tokenizer.decode(default).count("<|im_start|>system") == 3
     assert default != prompt_ids(smol.tokenizer, to_messages(rec, True))
+
+
+def test_a_couple_of_lora_dpo_steps_on_the_real_model(smol_dir, sample_records, tmp_path):
+    from paddleformers.transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smol_dir))
+    kept, counts, _ = engine.fit_pairs(tok, sample_records[:8], max_seq_len=256, max_prompt_len=128)
+    assert counts["too_long"] == 0 and len(kept) == 8
+    write_jsonl(tmp_path / "pairs.jsonl", kept)
+    p = dict(max_steps=2, warmup_steps=1, global_batch_size=2, learning_rate=1e-4, fine_tuning="lora",
+             loss_type="sigmoid", beta=0.1, lora_rank=4, seed=42, max_seq_len=256, max_prompt_len=128)
+    cfg = engine.dpo_config(smol_dir, tmp_path / "pairs.jsonl", tmp_path / "out", "cpu", p)
+    steps = []
+    engine.run(engine.launch_command("train", engine.write_config(cfg, tmp_path / "dpo.yaml"), "cpu"),
+               tmp_path / "engine.log", steps.append)
+    assert [s["global_step"] for s in steps] == [1, 2] and all(np.isfinite(s["loss"]) for s in steps)
+    assert engine.engine_skips((tmp_path / "engine.log").read_text()) == 0
+    assert (tmp_path / "out/lora_config.json").exists()
