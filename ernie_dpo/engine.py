@@ -58,6 +58,11 @@ def check_device(device, devices="0"):
         raise DeviceError(f"engine.devices is {devices!r} but only {found} GPU(s) are visible (ids 0-{found - 1})")
 
 
+def inference_device(device, devices):
+    """Where local inference runs: the CPU, or the FIRST GPU of engine.devices ("2,3" -> gpu:2), not always gpu:0."""
+    return "cpu" if device == "cpu" else f"gpu:{str(devices).split(',')[0].strip()}"
+
+
 def require_device(params, stage, local=True):
     """A stage's first line: check_device for engine.* params, ending the stage with `<stage>: <reason>` on failure.
     local=False (inference through a server) needs no device here."""

@@ -32,7 +32,7 @@ def load_model(model_dir, device, devices="0"):
     import paddle
     from paddleformers.transformers import AutoModelForCausalLM, AutoTokenizer
 
-    paddle.set_device("cpu" if device == "cpu" else f"gpu:{str(devices).split(',')[0].strip()}")
+    paddle.set_device(engine.inference_device(device, devices))
     threads = engine.use_all_cpu_cores() if device == "cpu" else None
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")
     dtype = "float32" if device == "cpu" else "bfloat16"

@@ -68,13 +68,31 @@ def fetch_pretrained(name, revision, device):
     from paddleformers.transformers import AutoModelForCausalLM, AutoTokenizer
 
     paddle.set_device(device)
+    revision = resolve_revision(name, revision)
     log.info("downloading %s at revision %s through PaddleFormers (needs network access to the model hub)", name,
              revision)
     AutoTokenizer.from_pretrained(name, revision=revision).save_pretrained(str(OUT))
     model = AutoModelForCausalLM.from_pretrained(name, revision=revision,
                                                  dtype="bfloat16" if device == "gpu" else "float32")
     model.save_pretrained(str(OUT))
-    return {"kind": f"pretrained ({name} @ {revision})"}
+    return {"kind": f"pretrained ({name} @ {revision})", "revision": revision}
+
+
+def resolve_revision(name, revision):
+    """A branch or tag -> the commit it points to now (recorded in metrics/base_model.json: put it in
+    model.revision to pin the run). A 40-hex revision is already a commit and is used as it is."""
+    if len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return revision
+    try:
+        from huggingface_hub import HfApi
+
+        sha = HfApi().model_info(name, revision=revision).sha
+    except Exception as e:  # another hub (PaddleFormers also reads AI Studio / ModelScope), or offline
+        log.warning("could not resolve %s@%s to a commit (%s): downloading the moving revision %r; set "
+                    "model.revision to a commit id to pin it", name, revision, type(e).__name__, revision)
+        return revision
+    log.info("%s@%s is commit %s; set model.revision: %s to pin this exact model", name, revision, sha, sha)
+    return sha
 
 
 def convert_packaged(name):

@@ -62,3 +62,8 @@ def test_checkpoints_use_one_resumable_format_on_every_device():
 def test_lora_alpha_is_not_passed_the_engine_ignores_it():
     cfg = engine.dpo_config("m", "t", "o", "cpu", TRAIN)
     assert "lora_alpha" not in cfg and cfg["lora_rank"] == 8  # (-S train.lora_alpha=... fails: tests/test_docs.py)
+
+
+def test_local_inference_runs_on_the_first_listed_device():
+    assert engine.inference_device("gpu", "2,3") == "gpu:2" and engine.inference_device("gpu", "0") == "gpu:0"
+    assert engine.inference_device("cpu", "0") == "cpu"
