@@ -399,7 +399,8 @@ def run(cmd, log_path, on_step=None, env=None):
 
     The engine runs in its own process group (paddle.distributed.launch starts one worker per GPU under it). If this
     process is stopped (Ctrl-C, SIGTERM from `dvc` or a scheduler) or anything here fails, the whole group is ended
-    before returning: no engine keeps the GPUs, or writes checkpoints that race the next run.
+    before returning: no engine keeps the GPUs, or writes checkpoints that race the next run. If this process is
+    killed outright (SIGKILL, nothing runs here), the kernel sends the engine SIGTERM (_die_with_parent).
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -411,9 +412,9 @@ def run(cmd, log_path, on_step=None, env=None):
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     proc = None
     try:
-        with open(log_path, "a", encoding="utf-8") as log:
+        with open(log_path, "a", encoding="utf-8", buffering=1) as log:  # line-buffered: `tail -f` shows each step
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
-                                    bufsize=1, start_new_session=True)
+                                    bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
             for line in proc.stdout:
                 log.write(line)
                 step = parse_log_line(line)
@@ -442,6 +443,15 @@ def stop_group(proc, grace_s=10):
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def _die_with_parent():
+    """In the engine child, before exec (Linux): SIGTERM this process when the stage that started it dies, even by
+    SIGKILL. Its own process group keeps it out of a terminal's Ctrl-C, so this is what ends an orphan."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _raise_interrupt(signum, frame):

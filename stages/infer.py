@@ -36,9 +36,12 @@ def main():
     test_path = "data/testset/testset.jsonl"
     tests = read_jsonl(test_path)
     partial = Path("data/infer/partial") / f"{Path(args.out).stem}-{fingerprint([args.model, test_path], [p, device])}.jsonl"
-    where = {"local": f"model {args.model}, batch {p['batch_size']}",
-             "managed": f"a server started on {args.model} ({p['managed']['command'][:3]}...)",
-             "openai": f"server {p['openai'][role + '_url']} (serving {args.model})"}.get(p["backend"], p["backend"])
+    if p["backend"] == "openai":
+        where = f"server {p['openai'][role + '_url']} (serving {args.model})"
+    elif p["backend"] == "managed":
+        where = f"a server started on {args.model} ({' '.join(map(str, p['managed']['command'][:3]))} ...)"
+    else:
+        where = f"model {args.model}, batch {p['batch_size']}"
     log.info("%d prompts, %s, top_p %s, temperature %s, max_dec_len %d (progress: %s)", len(tests), where, p["top_p"],
              p["temperature"], p["max_dec_len"], partial)
     try:

@@ -61,9 +61,9 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_repo):
     (root / "metrics").mkdir(exist_ok=True)
     (root / "metrics/baseline.json").write_text('{"baseline": {"len_mean": 50}}')  # trainset needs it only for near_baseline
     repo("trainset")
-    for key, value in {"train.max_steps": 40, "train.warmup_steps": 1, "train.save_steps": 5, "train.global_batch_size": 8,
+    for key, value in {"train.max_steps": 200, "train.warmup_steps": 1, "train.save_steps": 5, "train.global_batch_size": 8,
                        "train.fine_tuning": "lora", "train.learning_rate": 1e-3, "train.max_seq_len": 128,
-                       "train.max_prompt_len": 64}.items():
+                       "train.max_prompt_len": 64, "train.max_skipped_share": 1.0}.items():
         repo.set_param(key, value)
     # the engine writes a checkpoint's LR scheduler state last (after weights, trainer state, RNG, optimizer)
     ckpt = lambda: list((root / "checkpoints").glob("train-*/checkpoint-*/scheduler.pdparams"))
@@ -72,6 +72,7 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_repo):
     kill_when(proc, lambda: bool(ckpt()))  # killed right after its first checkpoint
     assert not (root / "models/train").exists()
     work = ckpt()[0].parent.parent
+    assert int(ckpt()[0].parent.name.split("-")[1]) < 200  # killed mid-run
     shutil.copytree(work, root / "killed")  # kept for the second half
 
     r = repo("train")
@@ -79,9 +80,9 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_repo):
     log = (root / "logs/train/engine.log").read_text()
     assert "Checkpoint detected, resuming training" in log
     assert "global_step: 1," not in log  # the resumed run did not start over
-    assert "global_step: 40," in log
+    assert "global_step: 200," in log
     assert (root / "models/train/lora_config.json").exists() and not any((root / "models/train").glob("checkpoint-*"))
-    assert json.loads((root / "metrics/train.json").read_text())["dpo"]["global_step"] == 40
+    assert json.loads((root / "metrics/train.json").read_text())["dpo"]["global_step"] == 200
     assert not list((root / "checkpoints").iterdir())  # the work folder is removed once the model is out
 
     # A run killed WHILE saving leaves a checkpoint without optimizer and scheduler state (seen under load: killed
@@ -93,7 +94,7 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_repo):
     r = repo("train")
     assert "incomplete (the run was killed while saving it)" in r.stderr and "resuming from" not in r.stderr
     assert "global_step: 1," in (root / "logs/train/engine.log").read_text()  # started afresh, and finished:
-    assert json.loads((root / "metrics/train.json").read_text())["dpo"]["global_step"] == 40
+    assert json.loads((root / "metrics/train.json").read_text())["dpo"]["global_step"] == 200
 
 
 
@@ -107,18 +108,25 @@ def test_a_stopped_stage_ends_its_engine_process_group(tiny_repo):
     (root / "metrics").mkdir(exist_ok=True)
     (root / "metrics/baseline.json").write_text('{"baseline": {"len_mean": 50}}')
     repo("trainset")
-    for key, value in {"train.max_steps": 400, "train.fine_tuning": "lora", "train.max_seq_len": 128}.items():
+    for key, value in {"train.max_steps": 5000, "train.fine_tuning": "lora", "train.max_seq_len": 128,
+                       "train.max_skipped_share": 1.0}.items():
         repo.set_param(key, value)
+    log = root / "logs/train/engine.log"
     for sig in (signal.SIGTERM, signal.SIGINT):
+        log.unlink(missing_ok=True)  # the previous round's log must not count as this one's progress
         proc = subprocess.Popen([sys.executable, "stages/train.py"], cwd=root, env=venv_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        log = root / "logs/train/engine.log"
-        deadline = time.time() + 180
-        while not (log.exists() and "global_step: 2," in log.read_text()):  # the engine is training
-            assert proc.poll() is None and time.time() < deadline, "training never started"
-            time.sleep(0.2)
-        engine_procs = psutil.Process(proc.pid).children(recursive=True)
-        assert engine_procs
+        try:
+            deadline = time.time() + 180
+            while not (log.exists() and "global_step: 2," in log.read_text()):  # the engine is training
+                assert proc.poll() is None and time.time() < deadline, "training never started"
+                time.sleep(0.2)
+            engine_procs = psutil.Process(proc.pid).children(recursive=True)
+            assert engine_procs, (proc.poll(), log.read_text()[-2000:])
+        except BaseException:  # never leave a 5000-step training behind a failed test
+            for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
+                p.kill()
+            raise
         proc.send_signal(sig)
         start = time.time()
         proc.wait(timeout=30)
@@ -126,3 +134,14 @@ def test_a_stopped_stage_ends_its_engine_process_group(tiny_repo):
         assert alive == [], f"engine processes left running after {sig!r}: {alive}"
         assert time.time() - start < 20
         assert not (root / "models/train").exists()
+
+
+def test_training_refuses_when_most_pairs_would_be_skipped(tiny_repo):
+    repo = tiny_repo
+    (repo.root / "metrics").mkdir(exist_ok=True)
+    (repo.root / "metrics/baseline.json").write_text('{"baseline": {"len_mean": 50}}')
+    repo("trainset")
+    repo.set_param("train.max_seq_len", 64)
+    r = repo("train", check=False)
+    assert r.returncode != 0 and "do not fit (longer than train.max_seq_len 64" in r.stderr
+    assert "more than train.max_skipped_share 0.5" in r.stderr and not (repo.root / "models/train").exists()

@@ -116,14 +116,15 @@ def test_the_length_count_agrees_with_what_the_engine_skips(tiny_base, sample_re
     too_long = [{**r, "id": f"long{k}", "response": [r["response"][0], [long_answer]]}
                 for k, r in enumerate(sample_records[:3])]
     pairs = sample_records[3:11] + too_long
-    kept, counts, tokens = engine.fit_pairs(tok, pairs, max_seq_len=128, max_prompt_len=64)
+    kept, counts, tokens = engine.fit_pairs(tok, pairs, max_seq_len=256, max_prompt_len=128)
     assert counts["too_long"] == 3 and len(kept) == len(pairs) - 3 - counts["prompt_too_long"]
-    assert max(tokens) <= 128
+    assert max(tokens) <= 256
 
     def skips(records, name):
         write_jsonl(tmp_path / f"{name}.jsonl", records)
         cfg = engine.dpo_config(tiny_base, tmp_path / f"{name}.jsonl", tmp_path / name, "cpu",
-                                {**TRAIN, "max_steps": 2, "global_batch_size": 4})
+                                {**TRAIN, "max_steps": 2, "global_batch_size": 4, "max_seq_len": 256,
+                                 "max_prompt_len": 128})
         engine.run(engine.launch_command("train", engine.write_config(cfg, tmp_path / f"{name}.yaml"), "cpu"),
                    tmp_path / f"{name}.log")
         return engine.engine_skips((tmp_path / f"{name}.log").read_text())

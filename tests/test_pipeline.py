@@ -269,9 +269,11 @@ def test_managed_backend_starts_its_own_server_answers_like_local_and_leaves_not
     ports = [int(p) for f in (repo / "logs/servers").glob("*.log")
              for p in re.findall(r"http://127\.0\.0\.1:(\d+)/v1", f.read_text())]
     assert len(ports) == 4
-    for port in ports:  # and no port is held
+    for port in ports:  # and nothing listens there any more (SO_REUSEADDR: closed connections may sit in TIME_WAIT)
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
+            s.listen()
     sh(["git", "checkout", "--", "."], repo)
     dvc("checkout", "-f", cwd=repo)
 

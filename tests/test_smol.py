@@ -118,11 +118,11 @@ def test_a_couple_of_lora_dpo_steps_on_the_real_model(smol_dir, sample_records, 
     from paddleformers.transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(smol_dir))
-    kept, counts, _ = engine.fit_pairs(tok, sample_records[:8], max_seq_len=256, max_prompt_len=128)
+    kept, counts, _ = engine.fit_pairs(tok, sample_records[:8], max_seq_len=512, max_prompt_len=256)
     assert counts["too_long"] == 0 and len(kept) == 8
     write_jsonl(tmp_path / "pairs.jsonl", kept)
     p = dict(max_steps=2, warmup_steps=1, global_batch_size=2, learning_rate=1e-4, fine_tuning="lora",
-             loss_type="sigmoid", beta=0.1, lora_rank=4, seed=42, max_seq_len=256, max_prompt_len=128)
+             loss_type="sigmoid", beta=0.1, lora_rank=4, seed=42, max_seq_len=512, max_prompt_len=256)
     cfg = engine.dpo_config(smol_dir, tmp_path / "pairs.jsonl", tmp_path / "out", "cpu", p)
     steps = []
     engine.run(engine.launch_command("train", engine.write_config(cfg, tmp_path / "dpo.yaml"), "cpu"),
