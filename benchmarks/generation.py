@@ -91,7 +91,8 @@ def paddleformers_generate(model_dir, prompts, batch, max_new):
     sampling with top_p / temperature, forced to max_new tokens. Same weights, prompts, threads."""
     import paddle
 
-    from ernie_dpo.generate import LocalModel, prompt_ids
+    from ernie_dpo.engine import prompt_ids
+    from ernie_dpo.generate import LocalModel
 
     lm = LocalModel(model_dir, "cpu")
     model = lm.model
@@ -115,7 +116,8 @@ def paddleformers_generate(model_dir, prompts, batch, max_new):
 
 
 def encoded(model_dir, prompts):
-    from ernie_dpo.generate import LocalModel, prompt_ids
+    from ernie_dpo.engine import prompt_ids
+    from ernie_dpo.generate import LocalModel
 
     lm = LocalModel(model_dir, "cpu")
     return [prompt_ids(lm.tokenizer, p["messages"]) for p in prompts], sorted(lm.stops)

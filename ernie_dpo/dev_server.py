@@ -172,7 +172,8 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(model_dir, host, port, device="cpu", name=None, queue_size=16, read_timeout=30):
-    from .generate import LocalModel, prompt_ids
+    from .engine import prompt_ids
+    from .generate import LocalModel
 
     lm = LocalModel(model_dir, device)
 

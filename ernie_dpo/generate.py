@@ -42,12 +42,6 @@ def load_model(model_dir, device, devices="0"):
     return model, tokenizer, threads
 
 
-def prompt_ids(tokenizer, messages):
-    """The token ids the model is asked with: the model's chat template over the messages, with the generation
-    prompt, encoded exactly as the engine encodes training prompts (engine.prompt_ids)."""
-    return engine.prompt_ids(tokenizer, messages)
-
-
 def _template_end_of_turn(tokenizer):
     """The special token the chat template puts right after an assistant message (e.g. <|im_end|>), or None."""
     marker = "ernie-dpo-end-of-turn-probe"
@@ -98,7 +92,7 @@ class LocalModel:
     def answer(self, tests, top_p, temperature, max_dec_len, batch_size, seed, on_record=None, seeds=None):
         """{id: record} for every test ({"id", "messages"}); on_record(record) as each reply is finished.
         seeds: {id: seed} to override the per-prompt seed (a served request's own seed)."""
-        prompts = [prompt_ids(self.tokenizer, t["messages"]) for t in tests]
+        prompts = [engine.prompt_ids(self.tokenizer, t["messages"]) for t in tests]  # as the engine trains on them
         too_long = [t["id"] for t, p in zip(tests, prompts) if self.max_len and len(p) >= self.max_len]
         if too_long:
             raise ValueError(f"{len(too_long)} prompt(s) do not fit the model's context of {self.max_len} tokens, "

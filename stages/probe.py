@@ -39,7 +39,7 @@ def main():
     log.info("%d probes x %d samples, model %s, same sampling as infer (top_p %s, temperature %s, max_dec_len %d)",
              len(probes), samples, args.model, p["top_p"], p["temperature"], p["max_dec_len"])
     try:
-        replies, run_info = answer_all(asks, partial, args.model, args.name, params, f"logs/servers/probe_{args.name}.log")
+        replies, _ = answer_all(asks, partial, args.model, args.name, params, f"logs/servers/probe_{args.name}.log")
     except ServedError as e:
         sys.exit(f"probe: {e}")
     metrics, rows = score(probes, replies)

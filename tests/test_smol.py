@@ -12,7 +12,8 @@ import pytest
 
 from ernie_dpo import engine, gguf_model
 from ernie_dpo.common import write_jsonl
-from ernie_dpo.generate import LocalModel, prompt_ids
+from ernie_dpo.engine import prompt_ids
+from ernie_dpo.generate import LocalModel
 
 PARAGRAPH = ("The cat sat on the mat. It was a sunny day, and the children were playing in the park. Their parents "
              "watched from a bench nearby, talking about the weather and the news.")
