@@ -125,6 +125,16 @@ def prepare_model_dir(model_dir, device):
     return changed
 
 
+def use_all_cpu_cores():
+    """Paddle's CPU kernels use ONE thread unless told otherwise (FLAGS_paddle_num_threads defaults to 1): use every
+    core this process may run on. Returns the thread count (recorded in the inference metadata)."""
+    import paddle
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    paddle.base.core.set_num_threads(n)
+    return n
+
+
 def device_settings(device):
     if device not in ("cpu", "gpu"):
         raise ValueError(f"engine.device must be 'cpu' or 'gpu', got {device!r}")
@@ -216,16 +226,6 @@ def dpo_config(model, data_path, out_dir, device, p, e=None):
 # that mode here (_engine_main patches the default), and inference feeds the model exactly those pieces
 # (prompt_ids), so training and inference see the same prompt tokens (tests/test_smol.py checks it on a real
 # tokenizer, single- and multi-turn).
-
-
-def use_all_cpu_cores():
-    """Paddle's CPU kernels use ONE thread unless told otherwise (FLAGS_paddle_num_threads defaults to 1): use every
-    core this process may run on. Returns the thread count (recorded in the inference metadata)."""
-    import paddle
-
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    paddle.base.core.set_num_threads(n)
-    return n
 
 
 def use_cumulative_chat_encoding():
