@@ -8,10 +8,53 @@ from pathlib import Path
 import yaml
 
 
-def load_params(path="params.yaml"):
-    """params.yaml as a dict (safe_load: params are data, never code)."""
+def load_params(path="params.yaml", check=True):
+    """params.yaml as a dict (safe_load: params are data, never code), checked against ernie_dpo.params.SCHEMA:
+    a wrong value or an unknown key ends the stage at once, naming the key, the value and what is allowed."""
+    import sys
+
+    from .params import ParamError, validate
+
     with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f)
+        params = yaml.safe_load(f)
+    if check:
+        try:
+            validate(params, path)
+        except ParamError as e:
+            sys.exit(str(e))
+    return params
+
+
+def stage_parser(script, doc):
+    """The command line of a stage script: `--help` prints what the stage does (its docstring) and, read from
+    dvc.yaml, the stages that run it with their inputs, outputs and params -- and runs nothing."""
+    import argparse
+
+    name = Path(script).name
+    return argparse.ArgumentParser(prog=f"python stages/{name}", description=doc, epilog=dvc_stage_summary(name),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def dvc_stage_summary(script_name, dvc_yaml="dvc.yaml"):
+    """'In dvc.yaml: stage X: inputs ..., outputs ..., params ...' for every stage whose command runs the script."""
+    try:
+        with open(dvc_yaml, encoding="utf-8") as f:
+            stages = yaml.safe_load(f)["stages"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return "(run from the repository root to see its stages in dvc.yaml)"
+
+    def names(items):
+        return ", ".join(next(iter(i)) if isinstance(i, dict) else str(i) for i in items or [])
+
+    lines = []
+    for stage, spec in stages.items():
+        if f"stages/{script_name}" not in str(spec.get("cmd", "")):
+            continue
+        outs = (spec.get("outs") or []) + (spec.get("metrics") or []) + (spec.get("plots") or [])
+        lines += [f"dvc.yaml stage {stage!r}: {' '.join(str(spec['cmd']).split())}",
+                  f"  inputs:  {names(spec.get('deps'))}", f"  outputs: {names(outs)}",
+                  f"  params:  {names(spec.get('params'))}", ""]
+    return "\n".join(lines) or f"(no stage in {dvc_yaml} runs stages/{script_name})"
 
 
 def read_jsonl(path):

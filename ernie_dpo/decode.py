@@ -33,30 +33,65 @@ def prompt_seed(seed, prompt_id):
 # ------------------------------------------------------------------------------------------------ sampling
 
 
-def sample_token(logits, temperature, top_p, rng):
-    """One token id from one row of logits: temperature, then nucleus (top_p) sampling; temperature 0 = greedy.
+CANDIDATES = 64  # the nucleus is sampled from the most probable CANDIDATES tokens (see sample_tokens)
+
+
+def sample_tokens(logits, temperature, top_p, uniforms):
+    """One token id per row of logits ([B, vocab] Paddle tensor, on the model's device): temperature, then nucleus
+    (top_p) sampling; temperature 0 = greedy. uniforms: one number in [0, 1) per row, drawn from that row's own
+    random stream (so a row's tokens do not depend on the rows beside it). Returns a numpy int array [B].
 
     Nucleus as in Hugging Face's TopPLogitsWarper: keep the most probable tokens while the probability of the tokens
-    before each one is < top_p (at least one). Ties are ordered by token id so the result is deterministic.
+    before each one is < top_p (at least one), then draw from them in proportion. Everything runs where the logits
+    are: only B token ids come back to the host, never the [B, vocab] logits (on a GPU a copy and a sync of
+    B x 103 424 floats per step otherwise). The nucleus is taken from the CANDIDATES most probable tokens; a row whose
+    candidates hold less than top_p of the probability (a very flat distribution) is sampled over its whole
+    vocabulary instead (sample_token, on the host: rare).
     """
+    import paddle
+
+    if temperature <= 0:
+        return paddle.argmax(logits, axis=-1).numpy().astype("int64")
+    z = logits.astype("float32") / temperature
+    k = min(CANDIDATES, z.shape[-1])
+    top, ids = paddle.topk(z, k=k, axis=-1)  # sorted, most probable first
+    p = paddle.exp(top - paddle.logsumexp(z, axis=-1, keepdim=True))
+    cum = paddle.cumsum(p, axis=-1)
+    keep = (cum - p) < top_p  # the tokens before this one hold < top_p: in the nucleus (the first always is)
+    kept = paddle.where(keep, p, paddle.zeros_like(p))
+    mass = kept.sum(axis=-1, keepdim=True)
+    u = paddle.to_tensor(np.asarray(uniforms, dtype="float32")[:, None], place=logits.place) * mass
+    pick = ((paddle.cumsum(kept, axis=-1) <= u) & keep).astype("int64").sum(axis=-1)
+    n = keep.astype("int64").sum(axis=-1)
+    pick = paddle.minimum(pick, n - 1)
+    chosen = paddle.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
+    out = chosen.numpy().astype("int64")
+    flat = (cum[:, -1] < top_p).numpy() if k < z.shape[-1] else np.zeros(len(out), dtype=bool)
+    for r in np.flatnonzero(flat):  # rare: the whole vocabulary, on the host, same uniform
+        out[r] = sample_token(z[r].numpy() * temperature, temperature, top_p, uniforms[r])
+    return out
+
+
+def sample_token(logits, temperature, top_p, u):
+    """sample_tokens for one row of logits (numpy [vocab]), over the whole vocabulary; u: a uniform in [0, 1).
+    Ties are ordered by token id."""
     if temperature <= 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / temperature
     z -= z.max()
     p = np.exp(z)
     p /= p.sum()
-    k = min(64, p.size)  # the nucleus is usually a handful of tokens: sort a candidate set, not the vocabulary
-    cand = np.argpartition(-p, k - 1)[:k]
-    order = cand[np.lexsort((cand, -p[cand]))]
-    if p[order].sum() < top_p and k < p.size:
-        order = np.lexsort((np.arange(p.size), -p))
+    order = np.lexsort((np.arange(p.size), -p))
     cum = np.cumsum(p[order])
     n = min(int(np.searchsorted(cum, top_p, side="left")) + 1, order.size)
     kept = cum[:n]
-    return int(order[min(int(np.searchsorted(kept, rng.random() * kept[-1], side="right")), n - 1)])
+    return int(order[min(int(np.searchsorted(kept, u * kept[-1], side="right")), n - 1)])
 
 
 # ------------------------------------------------------------------------------------------------ attention
+
+
+QUERY_BLOCK = 512  # prefill attends in blocks of this many queries
 
 
 def grouped_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
@@ -64,14 +99,17 @@ def grouped_attention(module, query, key, value, attention_mask=None, dropout=0.
 
     query [B, Hq, q, D], key/value [B, Hkv, T, D], mask [B, 1, q, >=T] (additive). Query head h reads KV head
     h // (Hq / Hkv), the convention of repeat_kv and of the engine's fused QKV layouts.
+    Prefill (q > 1) runs in blocks of QUERY_BLOCK queries, each against the keys up to its last query only (the
+    later ones are masked anyway): a 3000-token prompt needs 3 x 512 x 3000 scores at a time instead of 3 x 3000 x
+    3000, and about half the work.
     """
     import paddle
 
     b, hq, q, d = query.shape
     hkv, t = key.shape[1], key.shape[2]
     rep = hq // hkv
-    qg = query.reshape([b, hkv, rep * q, d])
-    w = paddle.matmul(qg, key, transpose_y=True) * scaling
+    # the scale on the queries (q x d numbers), not on the scores (q x t): 15x less work for a 1000-token prompt
+    qs = query * scaling
     if attention_mask is not None:
         m = attention_mask[:, :, :, :t]
     elif q > 1:
@@ -79,16 +117,54 @@ def grouped_attention(module, query, key, value, attention_mask=None, dropout=0.
         # causal by themselves): query i sits at position t - q + i and sees keys up to there.
         allowed = np.tril(np.ones((q, t), dtype=bool), k=t - q)
         m = paddle.to_tensor(np.where(allowed, 0.0, np.finfo(np.float32).min).astype("float32"))
-        m = m.astype(w.dtype).reshape([1, 1, q, t])
+        m = m.astype(qs.dtype).reshape([1, 1, q, t])
     else:
         m = None
-    if m is not None:
-        if q > 1 and rep > 1:
-            m = m.tile([1, 1, rep, 1])
-        w = w + m
-    w = paddle.nn.functional.softmax(w, axis=-1, dtype="float32").astype(query.dtype)
-    out = paddle.matmul(w, value).reshape([b, hq, q, d]).transpose([0, 2, 1, 3]).reshape([b, q, hq * d])
-    return out, None
+    if q == 1:  # decode: [b, hkv, rep, t] scores, the mask expanded to them once per step (a broadcast add is slow)
+        w = paddle.matmul(qs.reshape([b, hkv, rep, d]), key, transpose_y=True)
+        if m is not None:
+            w.add_(_expanded_mask(m, 0, 1, t, hkv, rep))
+        return _weighted(w, value, query.dtype).reshape([b, 1, hq * d]), None
+    blocks = []
+    for start in range(0, q, QUERY_BLOCK):
+        end = min(q, start + QUERY_BLOCK)
+        seen = t - q + end  # keys visible to the block's last query
+        qb = qs[:, :, start:end].reshape([b, hkv, rep * (end - start), d])
+        w = paddle.matmul(qb, key[:, :, :seen], transpose_y=True)
+        if m is not None:
+            # in place, with the mask expanded to the scores' shape once per forward pass: Paddle's CPU add is slow
+            # when it broadcasts a mask over heads (37 ms a layer for 1000 tokens)
+            w.add_(_expanded_mask(m, start, end, seen, hkv, rep))
+        blocks.append(_weighted(w, value[:, :, :seen], query.dtype).reshape([b, hq, end - start, d]))
+    out = blocks[0] if len(blocks) == 1 else paddle.concat(blocks, axis=2)
+    return out.transpose([0, 2, 1, 3]).reshape([b, q, hq * d]), None
+
+
+def _weighted(w, value, dtype):
+    """softmax(scores) @ values, softmax in float32."""
+    import paddle
+
+    if w.dtype == paddle.float32:
+        w = paddle.nn.functional.softmax(w, axis=-1)
+    else:
+        w = paddle.nn.functional.softmax(w, axis=-1, dtype="float32").astype(dtype)
+    return paddle.matmul(w, value)
+
+
+_MASK = {}
+
+
+def _expanded_mask(m, start, end, seen, hkv, rep):
+    """Rows [start, end) and columns [0, seen) of the prefill mask [b, 1, q, t], tiled to the grouped scores' shape
+    [b, hkv, rep * (end - start), seen]. Every layer of a forward pass gets the same mask tensor, so each block is
+    expanded once per pass (the cache holds the last pass only)."""
+    if _MASK.get("source") is not m:
+        _MASK.clear()
+        _MASK["source"] = m
+    if start not in _MASK:
+        block = m[:, :, start:end, :seen]
+        _MASK[start] = block.unsqueeze(2).tile([1, hkv, rep, 1, 1]).reshape([m.shape[0], hkv, rep * (end - start), seen])
+    return _MASK[start]
 
 
 def use_grouped_attention(model):
@@ -144,11 +220,14 @@ class SlotCache:
 
 
 def _round_up(n):
-    return (n + CHUNK - 1) // CHUNK * CHUNK + CHUNK
+    """Capacity for n filled columns: room for max(CHUNK, n / 4) more, so a long batch is rebuilt (a copy of the
+    whole cache) rarely, in multiples of CHUNK."""
+    return (n + max(CHUNK, n // 4) + CHUNK - 1) // CHUNK * CHUNK
 
 
 class Batch:
-    """The rows decoded together: their cache, attention mask (numpy, [B, capacity]) and per-row state."""
+    """The rows decoded together: their cache, attention mask (numpy, [B, capacity]) and per-row state.
+    A row of None is a free slot: decoded along (its mask is empty), its output ignored, until a prompt takes it."""
 
     def __init__(self, cache, mask, rows, positions, last):
         self.cache, self.mask, self.rows = cache, mask, rows
@@ -157,6 +236,47 @@ class Batch:
 
     def __len__(self):
         return len(self.rows)
+
+    def free(self):
+        return [r for r, row in enumerate(self.rows) if row is None]
+
+    def first_used_column(self):
+        used = self.mask[:, :self.cache.length].any(axis=0)
+        return int(np.argmax(used)) if used.any() else self.cache.length
+
+
+def widen(new, slots, n_layers):
+    """A batch of `slots` rows whose first rows are `new`'s (a fresh prefill), the rest free slots."""
+    import paddle
+
+    b = len(new)
+    cache = SlotCache(n_layers)
+    cache.length, cache.decoding = new.cache.length, True
+    for layer in range(n_layers):
+        for src, dst in ((new.cache.keys, cache.keys), (new.cache.values, cache.values)):
+            k = src[layer]
+            dst[layer] = paddle.concat([k, paddle.zeros([slots - b] + k.shape[1:], dtype=k.dtype)]) if slots > b else k
+    pad = slots - b
+    return Batch(cache, np.concatenate([new.mask, np.zeros((pad, new.mask.shape[1]), dtype=bool)]),
+                 new.rows + [None] * pad, np.concatenate([new.positions, np.zeros(pad, dtype="int64")]),
+                 np.concatenate([new.last, np.zeros(pad, dtype="int64")]))
+
+
+def admit(batch, slot, new, r, n_layers):
+    """Row r of a fresh prefill goes into free slot `slot` of the running batch, IN PLACE: its K/V right-aligned at
+    the batch's filled length (every row writes its next column there). No copy of the batch's cache, unlike
+    rebuilding the batch (combine). Returns False when the prompt is longer than that length (then combine)."""
+    used = int(new.mask[r].sum())  # the prompt's columns, right-aligned at new.cache.length
+    end, t = batch.cache.length, new.cache.length
+    if used > end:
+        return False
+    for layer in range(n_layers):
+        batch.cache.keys[layer][slot:slot + 1, :, end - used:end] = new.cache.keys[layer][r:r + 1, :, t - used:t]
+        batch.cache.values[layer][slot:slot + 1, :, end - used:end] = new.cache.values[layer][r:r + 1, :, t - used:t]
+    batch.mask[slot] = False
+    batch.mask[slot, end - used:end] = True
+    batch.rows[slot], batch.positions[slot], batch.last[slot] = new.rows[r], new.positions[r], new.last[r]
+    return True
 
 
 def combine(parts, n_layers):
@@ -216,13 +336,13 @@ class Row:
 
 
 def _forward(model, ids, positions, mask, cache):
-    """Hidden state of the last position -> logits [B, vocab] as float32 numpy."""
+    """Hidden state of the last position -> logits [B, vocab] (a Paddle tensor on the model's device)."""
     import paddle
 
     out = model.model(input_ids=paddle.to_tensor(ids), position_ids=paddle.to_tensor(positions),
                       attention_mask=paddle.to_tensor(mask), past_key_values=cache, use_cache=True, return_dict=True)
     h = out.last_hidden_state[:, -1:, :]
-    return model.lm_head(h)[:, -1, :].astype("float32").numpy()
+    return model.lm_head(h)[:, -1, :]
 
 
 def prefill(model, n_layers, items, pad_id):
@@ -268,8 +388,8 @@ def generate(model, prompts, seeds, stop_ids, max_new_tokens, temperature, top_p
     def take(logits, rows):
         """Sample one token per row; return the rows still running (indices)."""
         keep = []
-        for r, row in enumerate(rows):
-            tok = sample_token(logits[r], temperature, top_p, row.rng)
+        uniforms = [row.rng.random() for row in rows] if temperature > 0 else [0.0] * len(rows)
+        for r, (row, tok) in enumerate(zip(rows, sample_tokens(logits, temperature, top_p, uniforms).tolist())):
             if tok in stop:
                 finish(row, "eos")
                 continue
@@ -281,39 +401,54 @@ def generate(model, prompts, seeds, stop_ids, max_new_tokens, temperature, top_p
             keep.append(r)
         return keep
 
+    def running(b):
+        return b is not None and any(row is not None for row in b.rows)
+
     with paddle.no_grad():
-        while waiting or (batch is not None and len(batch)):
-            free = batch_size - (len(batch) if batch is not None else 0)
-            if free > 0 and waiting:
-                items = []
-                for _ in range(min(free, len(waiting))):
-                    i = waiting.pop(0)
-                    items.append((i, prompts[i], seeds[i]))
-                parts = [batch] if batch is not None else []
+        while waiting or running(batch):
+            free = batch.free() if batch is not None else list(range(batch_size))
+            if free and waiting:
+                # fill every free slot: prefill the next prompts (longest first), sample their first token
+                items = [(i, prompts[i], seeds[i]) for i in waiting[:len(free)]]
+                del waiting[:len(items)]
                 for k in range(0, len(items), prefill_batch):
                     new, logits = prefill(model, n_layers, items[k:k + prefill_batch], pad_id)
                     keep = take(logits, new.rows)
-                    if keep:
-                        new = select(new, keep)
-                        new.last = np.array([r.out[-1] for r in new.rows], dtype="int64")
-                        parts.append(new)
-                parts = [p for p in parts if len(p)]
-                batch = combine(parts, n_layers) if parts else None
+                    new.last = np.array([row.out[-1] if row.out else 0 for row in new.rows], dtype="int64")
+                    for r in keep:
+                        if batch is None:
+                            batch = widen(select(new, [r]), batch_size, n_layers)
+                        elif not admit(batch, batch.free()[0], new, r, n_layers):
+                            # longer than the running rows' span (not with longest-first order): rebuild
+                            live = [j for j, row in enumerate(batch.rows) if row is not None]
+                            batch = widen(combine([select(batch, live), select(new, [r])], n_layers), batch_size,
+                                          n_layers)
                 continue
-            # one decode step for every running row
+            # one decode step for every slot
             c = batch.cache
-            if c.length >= c.capacity:  # out of room: rebuild with CHUNK more columns
+            if c.length >= c.capacity:  # out of room: rebuild with CHUNK more columns (leading unused ones dropped)
                 batch = combine([batch], n_layers)
                 c = batch.cache
             batch.mask[:, c.length] = True
             logits = _forward(model, batch.last[:, None], batch.positions[:, None], batch.mask, c)
             c.length += 1
             batch.positions = batch.positions + 1
-            keep = take(logits, batch.rows)
-            if len(keep) < len(batch):
-                batch = select(batch, keep) if keep else None
-                if batch is not None and not waiting:
-                    batch = combine([batch], n_layers)  # drop columns only the finished rows needed
-            if batch is not None:
-                batch.last = np.array([r.out[-1] for r in batch.rows], dtype="int64")
+            live = [r for r, row in enumerate(batch.rows) if row is not None]
+            keep = take(logits[paddle.to_tensor(live)] if len(live) < len(batch) else logits, [batch.rows[r] for r in live])
+            kept = {live[k] for k in keep}
+            for r in live:
+                if r in kept:
+                    batch.last[r] = batch.rows[r].out[-1]
+                else:  # finished: the slot is free
+                    batch.rows[r] = None
+                    batch.mask[r] = False
+            if not waiting:
+                # the last prompts: drop finished rows once a quarter of the batch is free, and columns no row needs
+                alive = [r for r, row in enumerate(batch.rows) if row is not None]
+                if not alive:
+                    batch = None
+                elif len(batch) - len(alive) >= max(1, len(batch) // 4):
+                    batch = combine([select(batch, alive)], n_layers)
+            elif batch.first_used_column() > max(2 * CHUNK, batch.cache.capacity // 3):
+                batch = combine([batch], n_layers)  # a third of the columns no running row needs any more
     return results

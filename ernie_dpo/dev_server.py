@@ -1,9 +1,10 @@
 """A small OpenAI-compatible chat-completions server for a local model directory: the managed backend's CPU preset,
 the tests, and a way to try infer.backend=openai without FastDeploy or vLLM. Not a production server.
 
-    python -m ernie_dpo.dev_server --model models/base --port 8180 [--name NAME]
+    ernie-dpo serve --model models/base --port 8180 [--name NAME]    (or python -m ernie_dpo.dev_server ...)
 
-GET /v1/models, POST /v1/chat/completions (model, messages, top_p, temperature, max_tokens, seed; no streaming),
+GET /v1/models, POST /v1/chat/completions (model, messages, top_p, temperature, max_tokens, seed, stop_token_ids;
+no streaming),
 sampled with the same code as local inference (ernie_dpo.generate.LocalModel). One generation runs at a time;
 at most --queue requests wait for it, more get 503 (the client retries with backoff), so timed-out retries cannot
 pile up unbounded threads of duplicate work. Every bad request gets a 4xx JSON error saying what is wrong, a failed
@@ -74,6 +75,10 @@ def validate(req, served_name, prompt_len, context):
     seed = _integer(req, "seed", 0)
     if seed < 0:
         raise BadRequest(f"'seed' must be >= 0, got {seed}")
+    stop_ids = req.get("stop_token_ids")
+    if stop_ids is not None and (not isinstance(stop_ids, list) or
+                                 not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in stop_ids)):
+        raise BadRequest("'stop_token_ids' must be a list of non-negative integers")
     max_tokens = _integer(req, "max_tokens", 256)
     if max_tokens <= 0:
         raise BadRequest(f"'max_tokens' must be > 0, got {max_tokens}")
@@ -81,7 +86,8 @@ def validate(req, served_name, prompt_len, context):
     if context and n_prompt + max_tokens > context:
         raise BadRequest(f"'max_tokens' {max_tokens} + the prompt's {n_prompt} tokens exceed the model's context "
                          f"of {context}")
-    return {"messages": messages, "top_p": top_p, "temperature": temperature, "seed": seed, "max_tokens": max_tokens}
+    return {"messages": messages, "top_p": top_p, "temperature": temperature, "seed": seed, "max_tokens": max_tokens,
+            "stop_token_ids": stop_ids or None}
 
 
 def make_handler(generate, served_name, prompt_len, context, queue_size, read_timeout):
@@ -172,14 +178,14 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(model_dir, host, port, device="cpu", name=None, queue_size=16, read_timeout=30):
-    from .engine import prompt_ids
+    from .tokens import prompt_ids
     from .generate import LocalModel
 
     lm = LocalModel(model_dir, device)
 
     def generate(s):
         rec = lm.answer([{"id": "r", "messages": s["messages"]}], s["top_p"], s["temperature"], s["max_tokens"], 1,
-                        0, seeds={"r": s["seed"]})["r"]
+                        0, seeds={"r": s["seed"]}, stop_ids=s["stop_token_ids"])["r"]
         return rec["reply"], rec["tokens"], rec["finish_reason"]
 
     handler = make_handler(generate, name or str(model_dir), lambda m: len(prompt_ids(lm.tokenizer, m)), lm.max_len,
@@ -194,15 +200,16 @@ def is_loopback(host):
         return host == "localhost"
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="ernie-dpo serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="model directory (models/base, models/merged, ...)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8180)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--name", default=None, help="model id reported by /v1/models (default: the directory)")
     ap.add_argument("--queue", type=int, default=16, help="requests that may wait; more get 503")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not is_loopback(args.host):
         log.warning("binding to %s: this server has no authentication; anyone who reaches it can use the model",
                     args.host)

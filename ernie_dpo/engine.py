@@ -1,11 +1,15 @@
 """Everything PaddleFormers-specific lives here: engine YAML, CPU/GPU settings, how it is launched, log parsing.
 
-Stages pass plain parameters; they never build engine YAML themselves. A run's YAML is written next to its log, so
-`paddleformers-cli train <that yaml>` (GPU) or `python -m ernie_dpo.engine train <that yaml>` (CPU) reruns it by hand.
+Stages pass plain parameters; they never build engine YAML themselves. A run's YAML is written next to its log, and
+the stage logs the exact launch command (launch_command): `ernie-dpo engine train <that yaml>` on a CPU, the same
+under `python -m paddle.distributed.launch --gpus ...` on GPUs. Never `paddleformers-cli train <that yaml>`: it
+skips _engine_main (the pairs' token ids, the checkpoint-load and one-GPU fixes), so the engine would re-encode the
+pairs its own way.
 
-Why not `paddleformers-cli` everywhere: the CLI always relaunches itself through `paddle.distributed.launch --gpus
-<GPUs found by GPUtil>`; with no GPU that list is empty and the launch fails. On a CPU we therefore run the engine's
-own launcher module in one process (this file's __main__), exactly the function the CLI would start on each device.
+Why not `paddleformers-cli` at all: it always relaunches itself through `paddle.distributed.launch --gpus <GPUs found
+by GPUtil>`; with no GPU that list is empty and the launch fails. On a CPU we therefore run the engine's own launcher
+function in one process (_engine_main), exactly what the CLI would start on each device; on GPUs the launcher starts
+_engine_main on each device, with the environment the CLI would set (launch_env).
 """
 import json
 import os
@@ -13,6 +17,8 @@ import re
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import yaml
@@ -24,11 +30,21 @@ CPU_SETTINGS = {
     "amp_master_grad": False,  # otherwise a ConfigConflict error when amp is off
     "_attn_implementation": "eager",  # the default flashmask kernel is GPU-only
 }
-GPU_SETTINGS = {
+GPU_SETTINGS = {  # compute capability >= 8.0 (Ampere and later): what ERNIEKit's ERNIE-4.5-0.3B DPO configs use
     "device": "gpu",
     "compute_type": "bf16",
+    "fp16_opt_level": "O2",  # bf16 weights, fp32 master weights; without it the engine's default is O1 (fp32
+                             # weights under autocast) and amp_master_grad is ignored
     "amp_master_grad": True,
     "_attn_implementation": "flashmask",
+}
+# Before Ampere (V100, T4: capability 7.x) bf16 does not run (Paddle's AMP falls back to fp32 without a word) and
+# the FlashAttention-2 kernels behind flashmask refuse: float32 and PaddlePaddle's SDPA attention instead.
+GPU_SETTINGS_PRE_AMPERE = {
+    "device": "gpu",
+    "compute_type": "float32",
+    "amp_master_grad": False,
+    "_attn_implementation": "sdpa",
 }
 
 
@@ -125,6 +141,60 @@ def prepare_model_dir(model_dir, device):
     return changed
 
 
+class LayoutError(ValueError):
+    pass
+
+
+def weight_names(model_dir):
+    """The tensor names of a model directory's safetensors files (read from their headers, nothing loaded)."""
+    names = []
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        names += [k for k in header if k != "__metadata__"]
+    return names
+
+
+def check_layout(model_dir, source=""):
+    """Refuse a checkpoint in PaddlePaddle's own ERNIE layout (`baidu/ERNIE-4.5-*-Paddle`: `ernie.` names, fused
+    qkv_proj / up_gate_proj, [in, out] weights). PaddleFormers 1.2 only loads the Hugging Face layout of the `-PT`
+    repositories (transformers/ernie4_5/modeling.py maps `model.layers.*.q_proj.weight`; its own hub map names
+    `-PT`); the `-Paddle` layout fails later with "model.embed_tokens.weight should be assigned before!"."""
+    names = weight_names(model_dir)
+    paddle_layout = [n for n in names if n.startswith("ernie.") or ".qkv_proj." in n or ".up_gate_proj." in n]
+    if paddle_layout:
+        pt = source[:-len("-Paddle")] + "-PT" if source.endswith("-Paddle") else "the matching baidu/ERNIE-4.5-*-PT"
+        raise LayoutError(f"{source or model_dir} is a checkpoint in PaddlePaddle's own layout (e.g. "
+                          f"{paddle_layout[0]!r}), which PaddleFormers 1.2 cannot load; use {pt} (the Hugging Face "
+                          f"layout), e.g. -S model.name_or_path={pt if pt.startswith('baidu') else 'baidu/ERNIE-4.5-0.3B-PT'}")
+
+
+SANITY_PROMPT = "Hello! Who are you?"
+
+
+def sanity_check(model_dir, device, devices="0"):
+    """Load the model the way inference will and look at it: finite logits for a short prompt, and a greedy reply
+    (up to 16 tokens). Raises when the logits are not finite: a broken conversion or download stops here, not after
+    an hour of inference."""
+    from .generate import LocalModel
+
+    lm = LocalModel(model_dir, device, devices)
+    tests = [{"id": "sanity", "messages": [{"role": "user", "content": SANITY_PROMPT}]}]
+    reply = lm.answer(tests, top_p=1.0, temperature=0.0, max_dec_len=16, batch_size=1, seed=0)["sanity"]
+    import numpy as np
+    import paddle
+
+    from .tokens import prompt_ids
+
+    with paddle.no_grad():
+        out = lm.model(input_ids=paddle.to_tensor([prompt_ids(lm.tokenizer, tests[0]["messages"])]))
+    logits = (out[0] if isinstance(out, tuple) else out.logits).astype("float32").numpy()
+    if not np.isfinite(logits).all():
+        raise RuntimeError(f"{model_dir}: the model's logits are not finite ({int((~np.isfinite(logits)).sum())} "
+                           "values): broken weights or conversion")
+    return {"logits_finite": True, "greedy_reply": reply["reply"], "greedy_tokens": reply["tokens"]}
+
+
 def use_all_cpu_cores():
     """Paddle's CPU kernels use ONE thread unless told otherwise (FLAGS_paddle_num_threads defaults to 1): use every
     core this process may run on. Returns the thread count (recorded in the inference metadata)."""
@@ -135,10 +205,31 @@ def use_all_cpu_cores():
     return n
 
 
-def device_settings(device):
+def gpu_capability():
+    """(major, minor) compute capability of the first visible GPU, or None without one."""
+    import paddle
+
+    if not paddle.is_compiled_with_cuda() or paddle.device.cuda.device_count() == 0:
+        return None
+    return tuple(paddle.device.cuda.get_device_capability())
+
+
+def device_settings(device, capability=None):
+    """Engine YAML keys for the device; on a GPU they depend on its compute capability (looked up when not given;
+    unknown, e.g. when a GPU config is written on a CPU machine: Ampere or later assumed)."""
     if device not in ("cpu", "gpu"):
         raise ValueError(f"engine.device must be 'cpu' or 'gpu', got {device!r}")
-    return dict(CPU_SETTINGS if device == "cpu" else GPU_SETTINGS)
+    if device == "cpu":
+        return dict(CPU_SETTINGS)
+    capability = capability or gpu_capability() or (8, 0)
+    return dict(GPU_SETTINGS if tuple(capability) >= (8, 0) else GPU_SETTINGS_PRE_AMPERE)
+
+
+def inference_dtype(device, capability=None):
+    """Weights' dtype for local inference: float32 on a CPU and on GPUs before Ampere, bfloat16 from Ampere on."""
+    if device == "cpu":
+        return "float32"
+    return "bfloat16" if device_settings("gpu", capability)["compute_type"] == "bf16" else "float32"
 
 
 def _common(model, data_path, out_dir, device, seed, max_seq_len, max_steps, warmup_steps, learning_rate,
@@ -217,87 +308,14 @@ def dpo_config(model, data_path, out_dir, device, p, e=None):
     return cfg
 
 
-# ------------------------------------------------------------------------------------- how the engine encodes chats
-# PaddleFormers' DPO dataset encodes a conversation with tokenizer.encode_chat_inputs(), which by default renders
-# each user turn ON ITS OWN through the chat template ("one turn" mode). With a template that adds a default system
-# prompt (SmolLM2, Qwen, ...) every later turn then gets that system prompt again, and with ERNIE's template every
-# turn gets its own <|begin_of_sentence|>: the model trains on prompts that inference never shows it. The engine's
-# other mode renders the conversation cumulatively and cuts it into (query, answer) pieces. The engine runs in
-# that mode here (_engine_main patches the default), and inference feeds the model exactly those pieces
-# (prompt_ids), so training and inference see the same prompt tokens (tests/test_smol.py checks it on a real
-# tokenizer, single- and multi-turn).
-
-
-def use_cumulative_chat_encoding():
-    """Make the engine's default ("one turn") chat encoding the cumulative one, in this process."""
-    from paddleformers.transformers.tokenizer_utils import PaddleTokenizerMixin as cls
-
-    if not hasattr(cls, "_engine_default_one_turn"):
-        cls._engine_default_one_turn = cls._encode_chat_inputs_oneturn  # kept so tests can show what it did
-    cls._encode_chat_inputs_oneturn = cls._encode_chat_inputs_openai_format
-
-
-def chat_turns(tokenizer, messages):
-    """[[query ids, answer ids], ..., [query ids]]: the engine's cumulative encoding of OpenAI-format messages."""
-    return tokenizer._encode_chat_inputs_openai_format({"messages": [dict(m) for m in messages]})
-
-
-def prompt_ids(tokenizer, messages):
-    """The token ids a model is asked with: the conversation up to and including the generation prompt."""
-    return [i for turn in chat_turns(tokenizer, messages) for part in turn for i in part]
-
-
-def pair_fit(tokenizer, rec, max_seq_len, max_prompt_len):
-    """What the engine's DPO dataset does with one pair, computed with its own encoding and length rules.
-
-    The engine (datasets/DPODataset.py) counts chosen + rejected answers (+ an eos each) + the last user turn
-    against max_seq_len and SKIPS the pair if they do not fit, logging only the first five; earlier turns are then
-    added newest first while they fit, the rest dropped silently. It never reads max_prompt_len; here a pair whose
-    prompt (after that truncation) is longer is dropped too, so the parameter means what it says.
-    Returns (status, prompt tokens, total tokens): status "fits" | "history_truncated" | "too_long" | "prompt_too_long".
-    """
-    from .data import to_messages  # here, not at the top: GPU workers run this file as a script
-
-    msgs = to_messages(rec, keep_system=True)  # as the engine's erniekit reader builds them: system first
-    turns = {side: chat_turns(tokenizer, msgs + [{"role": "assistant", "content": rec["response"][k][0]}])
-             for k, side in enumerate(("chosen", "rejected"))}
-    answers = len(turns["chosen"][-1][1]) + len(turns["rejected"][-1][1]) + 2  # + the eos the engine appends
-    history = turns["chosen"][:-1]
-    prompt = len(turns["chosen"][-1][0])
-    if answers + prompt > max_seq_len:
-        return "too_long", prompt, answers + prompt
-    kept = 0
-    for q, a in reversed(history):
-        if answers + prompt + len(q) + len(a) > max_seq_len:
-            break
-        prompt += len(q) + len(a)
-        kept += 1
-    if prompt > max_prompt_len:
-        return "prompt_too_long", prompt, answers + prompt
-    return ("fits" if kept == len(history) else "history_truncated"), prompt, answers + prompt
-
-
-def fit_pairs(tokenizer, records, max_seq_len, max_prompt_len):
-    """(records the engine will train on, counts by status, tokens per kept pair). Nothing is dropped uncounted."""
-    from tqdm import tqdm
-
-    kept, counts, tokens = [], {"fits": 0, "history_truncated": 0, "too_long": 0, "prompt_too_long": 0}, []
-    for rec in tqdm(records, desc="counting tokens per pair", unit="pair"):
-        status, _, total = pair_fit(tokenizer, rec, max_seq_len, max_prompt_len)
-        counts[status] += 1
-        if status in ("fits", "history_truncated"):
-            kept.append(rec)
-            tokens.append(total)
-    return kept, counts, tokens
-
-
 def engine_skips(log_text):
-    """Pairs the engine itself reported skipping in its log (it should be none: fit_pairs removed them first)."""
+    """Pairs the engine itself reported skipping in its log (it should be none: tokens.fit_pairs removed them first)."""
     return log_text.count("[SKIP]")
 
 
 def merge_lora(base_dir, adapter_dir, out_dir, device):
-    """Fold a LoRA adapter into the base weights and save a plain model (+ the base's tokenizer) to out_dir.
+    """Fold a LoRA adapter into the base weights and save a plain float32 model (+ the base's tokenizer files, copied
+    as they are) to out_dir.
 
     Why not `paddleformers-cli export`: in PaddleFormers 1.2.0 its LoRA merge computes W + A@B correctly in Paddle's
     [in, out] layout, but the transpose back to the Hugging Face layout it saves is written as a reshape (the numpy
@@ -306,22 +324,43 @@ def merge_lora(base_dir, adapter_dir, out_dir, device):
     the saved tensor equals reshape(W_paddle + delta)). Here the engine's own LoRAModel applies the adapter
     (LoRAModel.from_pretrained), merges it in place (merge()), and the plain model is saved by save_pretrained,
     the same writer the training stage uses. tests/test_model.py checks merged logits == adapter logits.
+
+    Float32 on every device: LoRALinear.merge adds in the layer's dtype, and in bf16 a delta below half a bf16 step
+    of the weight vanishes (the GPU review measured 32% of weights unchanged for deltas ~1e-4). Inference casts to
+    its own dtype when it loads the merged model.
+    Tokenizer files are copied, not re-saved: transformers 5 (PaddleFormers' pin) re-saves `extra_special_tokens`
+    as a list, which the transformers 4 of vLLM / FastDeploy servers cannot read.
     """
     import paddle
     from paddleformers.peft import LoRAModel
-    from paddleformers.transformers import AutoModelForCausalLM, AutoTokenizer
+    from paddleformers.transformers import AutoModelForCausalLM
 
-    paddle.set_device(device)
-    dtype = "float32" if device == "cpu" else "bfloat16"
-    lora = LoRAModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype), str(adapter_dir))
+    paddle.set_device(device if device == "cpu" else "gpu")
+    lora = LoRAModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="float32"),
+                                     str(adapter_dir))
     lora.merge()
     merged = {k: v for k, v in lora.model.state_dict().items() if ".lora_" not in k}
-    plain = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+    plain = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="float32")
     missing, unexpected = plain.set_state_dict(merged)
     if missing or unexpected:
         raise RuntimeError(f"LoRA merge: weights missing {missing} / unexpected {unexpected}")
     plain.save_pretrained(str(out_dir))
-    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(out_dir))
+    copy_tokenizer_files(base_dir, out_dir)
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+
+def copy_tokenizer_files(src, dst):
+    """The tokenizer (and generation config) files of a model directory, byte for byte."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            (Path(dst) / name).unlink(missing_ok=True)  # maybe a hard link into another model directory
+            shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
 def checkpoint_is_complete(folder):
@@ -355,6 +394,15 @@ def write_config(cfg, path):
     return path
 
 
+def console_script():
+    """The `ernie-dpo` executable of this environment (installed with the package: `pip install -e .`)."""
+    path = Path(sys.executable).parent / "ernie-dpo"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: install the project into this environment (`make install`, or "
+                                "`pip install --no-deps -e .`)")
+    return str(path)
+
+
 def launch_command(command, cfg_path, device, devices="0", nnodes=1, env=None):
     """The argument list that runs `command` (train | export) on `cfg_path`.
 
@@ -373,8 +421,9 @@ def launch_command(command, cfg_path, device, devices="0", nnodes=1, env=None):
                                  "RANK (0 on node 0, 1..n-1 on the others) on every node")
             cmd += ["--master", f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '8080')}", "--nnodes", str(nnodes),
                     "--rank", str(env.get("RANK", "0"))]
-        # each worker runs this file (not the engine's launcher directly) for _engine_main's chat-encoding setting
-        return cmd + ["--run_mode=collective", str(Path(__file__).resolve()), command, str(cfg_path)]
+        # each worker runs `ernie-dpo engine` (the installed console script: the launcher runs a non-.py script as
+        # an executable), not the engine's launcher directly, for _engine_main's settings
+        return cmd + ["--run_mode=collective", console_script(), "engine", command, str(cfg_path)]
     return [sys.executable, "-m", "ernie_dpo.engine", command, str(cfg_path)]
 
 
@@ -394,21 +443,41 @@ def parse_log_line(line):
     return found
 
 
+# What paddleformers-cli does to the environment before it launches (paddleformers/cli/cli.py, 1.2.0): variables a
+# previous or enclosing distributed job left behind would make paddle.distributed.launch join the wrong job, and
+# three flags change numerics or the data loader.
+STALE_LAUNCH_ENV = ("PADDLE_TRAINERS_NUM", "PADDLE_TRAINER_ID", "PADDLE_WORKERS_IP_PORT_LIST", "PADDLE_TRAINERS",
+                    "PADDLE_NUM_GRADIENT_SERVERS", "PADDLE_ELASTIC_JOB_ID", "PADDLE_TRAINER_ENDPOINTS",
+                    "DISTRIBUTED_TRAINER_ENDPOINTS", "FLAGS_START_PORT", "PADDLE_ELASTIC_TIMEOUT")
+LAUNCH_FLAGS = {"FLAGS_set_to_1d": "False", "NVIDIA_TF32_OVERRIDE": "0", "FLAGS_dataloader_use_file_descriptor": "False"}
+RUN_MARK = "ERNIE_DPO_ENGINE_RUN"  # in every engine process's environment: how run() finds them all to stop them
+
+
+def launch_env(env=None):
+    """The environment the engine starts with: the CLI's (stale PADDLE_* cleared, its flags set unless the user set
+    them), unbuffered output, and a mark naming this run."""
+    full = {k: v for k, v in os.environ.items() if k not in STALE_LAUNCH_ENV}
+    full.update(env or {})
+    for k, v in LAUNCH_FLAGS.items():
+        full.setdefault(k, v)
+    full.setdefault("PYTHONUNBUFFERED", "1")
+    full[RUN_MARK] = uuid.uuid4().hex
+    return full
+
+
 def run(cmd, log_path, on_step=None, env=None):
     """Run the engine, tee its output to `log_path`, call on_step(dict) for each logged step. Raises on failure.
 
-    The engine runs in its own process group (paddle.distributed.launch starts one worker per GPU under it). If this
-    process is stopped (Ctrl-C, SIGTERM from `dvc` or a scheduler) or anything here fails, the whole group is ended
-    before returning: no engine keeps the GPUs, or writes checkpoints that race the next run. If this process is
-    killed outright (SIGKILL, nothing runs here), the kernel sends the engine SIGTERM (_die_with_parent).
+    Stopping: the engine runs in its own process group. If this process is stopped (Ctrl-C, SIGTERM from `dvc` or a
+    scheduler) or anything here fails, the group is ended (stop_group) and then every process that carries this
+    run's mark in its environment: paddle.distributed.launch starts each GPU worker in a session of its own
+    (os.setsid), outside the group, and waits 30 s for them itself, so the group alone can leave workers behind
+    holding GPUs and writing checkpoints. If this process is killed outright (SIGKILL), the kernel ends the launcher
+    (_die_with_parent) and each worker with it (_engine_main sets the same on workers).
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    full_env = dict(os.environ, **(env or {}))
-    # The engine must import this project (for the CPU launcher) from wherever the stage runs.
-    root = str(Path(__file__).resolve().parents[1])
-    full_env["PYTHONPATH"] = root + os.pathsep + full_env.get("PYTHONPATH", "")
-    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    full_env = launch_env(env)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     proc = None
     try:
@@ -424,6 +493,8 @@ def run(cmd, log_path, on_step=None, env=None):
     finally:
         if proc is not None and proc.poll() is None:
             stop_group(proc)
+        if proc is not None:
+            kill_marked(full_env[RUN_MARK])
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if rc != 0:
@@ -445,13 +516,43 @@ def stop_group(proc, grace_s=10):
             continue
 
 
-def _die_with_parent():
-    """In the engine child, before exec (Linux): SIGTERM this process when the stage that started it dies, even by
-    SIGKILL. Its own process group keeps it out of a terminal's Ctrl-C, so this is what ends an orphan."""
+def marked_pids(mark):
+    """Processes of this user whose environment carries RUN_MARK=mark (Linux /proc; elsewhere none are found)."""
+    needle = f"{RUN_MARK}={mark}".encode()
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if d.stat().st_uid == os.getuid() and needle in (d / "environ").read_bytes().split(b"\0"):
+                found.append(int(d.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def kill_marked(mark, grace_s=5):
+    """End every process left from one engine run (workers that left the launcher's group): TERM, then KILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = [p for p in marked_pids(mark) if p != os.getpid()]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace_s
+        while time.time() < deadline and any(p in marked_pids(mark) for p in pids):
+            time.sleep(0.2)
+
+
+def _die_with_parent(sig=signal.SIGTERM):
+    """(Linux) `sig` to this process when its parent dies, even by SIGKILL: in the engine child (before exec) when
+    the stage dies, in a GPU worker when the launcher dies. Their own sessions keep them out of a terminal's Ctrl-C,
+    so this is what ends an orphan."""
     if sys.platform.startswith("linux"):
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # 1 = PR_SET_PDEATHSIG
 
 
 def _raise_interrupt(signum, frame):
@@ -467,37 +568,80 @@ def _main_thread():
 def _engine_main(argv):
     """Start the engine's launcher in this process: the CPU path of launch_command, and each GPU worker.
 
-    1. Chat encoding: the engine's cumulative mode instead of its "one turn" default (see chat_turns), on every
-       device, so training sees the prompts inference sends.
-    2. Only on a CPU (one process): all cores (use_all_cpu_cores), and: full-parameter DPO wraps the model with fleet.distributed_model(), which raises
-       AttributeError ('Fleet' object has no attribute '_user_defined_strategy') when fleet was never initialised.
-       There, and only for that error, the model is used unwrapped: with one process there is nothing to
-       distribute. LoRA DPO and SFT never reach this path.
+    Before the engine runs (argv: train|export <config yaml>):
+    1. Token ids: pairs are trained on the ids the train stage counted (tokens.install_engine_hooks), every device.
+    2. The first load of the model ignores load_checkpoint_format. With `unified_checkpoint` (what resumable
+       checkpoints need, see _common) PaddleFormers 1.2 loads the Hugging Face-layout weights WITHOUT converting
+       ERNIE's fused layers, so qkv_proj / up_gate_proj start random, with only a "newly initialized" warning: the
+       model and its reference copy train from broken weights. Resuming a checkpoint still uses the format.
+    3. World size 1 (a CPU, or ONE GPU under paddle.distributed.launch, which sets PADDLE_TRAINER_ENDPOINTS even
+       then): full-parameter DPO wraps the reference model with fleet.distributed_model(), which raises
+       AttributeError ('Fleet' object has no attribute '_user_defined_strategy') when fleet was never initialised
+       (it is only for world size > 1). There, and only for that error, the model is used unwrapped: with one
+       process there is nothing to distribute.
+    4. On a CPU: every core, and the cheaper RMSNorm / rotary kernels (fast_cpu).
+    5. A GPU worker (started by the launcher in a session of its own) dies with the launcher, as the launcher dies
+       with the stage.
     """
-    use_cumulative_chat_encoding()
-    if os.environ.get("PADDLE_TRAINERS_NUM", "1") == "1" and not os.environ.get("PADDLE_TRAINER_ENDPOINTS"):
+    from ernie_dpo import tokens
+
+    with open(argv[1], encoding="utf-8") as f:
+        device = yaml.safe_load(f).get("device", "gpu")
+    if "PADDLE_TRAINER_ID" in os.environ:  # a worker of paddle.distributed.launch
+        _die_with_parent(signal.SIGKILL)
+        if os.getppid() == 1:  # the launcher is already gone
+            sys.exit("engine worker: the launcher that started this worker has exited")
+    tokens.install_engine_hooks()
+    _first_load_ignores_checkpoint_format()
+    if int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) == 1:
+        _unwrapped_when_fleet_is_not_initialised()
+    if device == "cpu":
+        from ernie_dpo import fast_cpu
+
         use_all_cpu_cores()
-        from paddle.distributed import fleet
-
-        original = fleet.distributed_model
-
-        def distributed_model_or_self(model):
-            try:
-                return original(model)
-            except AttributeError as e:
-                if "_user_defined_strategy" not in str(e):
-                    raise
-                return model
-
-        fleet.distributed_model = distributed_model_or_self
+        fast_cpu.install()
     from paddleformers.cli.launcher import launch
 
     sys.argv = ["launcher"] + argv
     launch()
 
 
+def _first_load_ignores_checkpoint_format():
+    from paddleformers.transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        kwargs.pop("load_checkpoint_format", None)
+        return original(cls, *args, **kwargs)
+
+    AutoModelForCausalLM.from_pretrained = classmethod(from_pretrained)
+
+
+def _unwrapped_when_fleet_is_not_initialised():
+    from paddle.distributed import fleet
+
+    original = fleet.distributed_model
+
+    def distributed_model_or_self(model):
+        try:
+            return original(model)
+        except AttributeError as e:
+            if "_user_defined_strategy" not in str(e):
+                raise
+            return model
+
+    fleet.distributed_model = distributed_model_or_self
+
+
+def main(argv=None):
+    """`ernie-dpo engine train|export CFG` (and `python -m ernie_dpo.engine ...`): _engine_main with a --help."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] not in ("train", "export"):
+        print("usage: ernie-dpo engine train|export CONFIG.yaml\n\n" + _engine_main.__doc__)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    _engine_main(argv)
+
+
 if __name__ == "__main__":
-    # Run as a file (a GPU worker), Python puts ernie_dpo/ first on sys.path, where stats.py, data.py, ... would
-    # shadow any library module of the same name: drop it (the project root is on PYTHONPATH, see run()).
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    _engine_main(sys.argv[1:])
+    main()

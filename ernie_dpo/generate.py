@@ -16,9 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import decode
 from .common import append_progress, get_logger, read_progress, reply_record
-from . import engine
+from . import decode, engine, fast_cpu, tokens
 
 log = get_logger("generate")
 
@@ -34,26 +33,14 @@ def load_model(model_dir, device, devices="0"):
 
     paddle.set_device(engine.inference_device(device, devices))
     threads = engine.use_all_cpu_cores() if device == "cpu" else None
+    if device == "cpu":
+        fast_cpu.install()  # cheaper RMSNorm and rotary embedding (the fused kernels are GPU-only)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")
-    dtype = "float32" if device == "cpu" else "bfloat16"
+    dtype = engine.inference_dtype(device)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     model.eval()
     decode.use_grouped_attention(model)
     return model, tokenizer, threads
-
-
-def _template_end_of_turn(tokenizer):
-    """The special token the chat template puts right after an assistant message (e.g. <|im_end|>), or None."""
-    marker = "ernie-dpo-end-of-turn-probe"
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": marker}], tokenize=False)
-    except Exception:  # a template that cannot render this conversation says nothing about its end of turn
-        return None
-    after = text.split(marker, 1)[1] if marker in text else ""
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
-    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    return ids[0] if ids and ids[0] in special else None
 
 
 def stop_tokens(tokenizer, model_dir, extra=()):
@@ -67,9 +54,9 @@ def stop_tokens(tokenizer, model_dir, extra=()):
     if gen.is_file():
         eos = json.loads(gen.read_text()).get("eos_token_id")
         ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    end = _template_end_of_turn(tokenizer)
-    if end is not None:
-        ids.add(end)
+    end = tokens.template_turn_end(tokenizer)  # e.g. <|im_end|> "\n": its first token, if special, ends a reply
+    if end and end[0] in tokens.special_ids(tokenizer):
+        ids.add(end[0])
     for tok in extra:
         found = tokenizer(tok, add_special_tokens=False)["input_ids"]
         if len(found) != 1 or found[0] == tokenizer.unk_token_id:
@@ -89,10 +76,12 @@ class LocalModel:
         self.max_len = getattr(self.model.config, "max_position_embeddings", None)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.stops)
 
-    def answer(self, tests, top_p, temperature, max_dec_len, batch_size, seed, on_record=None, seeds=None):
+    def answer(self, tests, top_p, temperature, max_dec_len, batch_size, seed, on_record=None, seeds=None,
+               stop_ids=None):
         """{id: record} for every test ({"id", "messages"}); on_record(record) as each reply is finished.
-        seeds: {id: seed} to override the per-prompt seed (a served request's own seed)."""
-        prompts = [engine.prompt_ids(self.tokenizer, t["messages"]) for t in tests]  # as the engine trains on them
+        seeds: {id: seed} to override the per-prompt seed (a served request's own seed); stop_ids: the token ids
+        that end a reply, instead of the model's own (a served request's stop_token_ids)."""
+        prompts = [tokens.prompt_ids(self.tokenizer, t["messages"]) for t in tests]  # as the engine trains on them
         too_long = [t["id"] for t, p in zip(tests, prompts) if self.max_len and len(p) >= self.max_len]
         if too_long:
             raise ValueError(f"{len(too_long)} prompt(s) do not fit the model's context of {self.max_len} tokens, "
@@ -107,7 +96,8 @@ class LocalModel:
 
         decode.generate(self.model, prompts,
                         [(seeds or {}).get(t["id"], decode.prompt_seed(seed, t["id"])) for t in tests],
-                        list(self.stops), max_dec_len, temperature, top_p, batch_size, self.pad_id, self.max_len,
+                        list(self.stops if stop_ids is None else stop_ids), max_dec_len, temperature, top_p,
+                        batch_size, self.pad_id, self.max_len,
                         on_done, prefill_batch=1 if self.device == "cpu" else batch_size)
         return out
 
@@ -149,6 +139,13 @@ def generate_all(tests, out_path, model_dir, top_p, temperature, max_dec_len, ba
     return [done[t["id"]] for t in tests], info
 
 
+def served_stop_ids(model_dir, extra=()):
+    """The stop token ids local inference uses for this model directory, sent with every served request."""
+    from paddleformers.transformers import AutoTokenizer
+
+    return sorted(stop_tokens(AutoTokenizer.from_pretrained(str(model_dir)), model_dir, extra))
+
+
 def answer_all(tests, out_path, model_dir, role, params, server_log):
     """Answer `tests` with the backend infer.backend names. Same records and resume behaviour whatever the backend.
     Returns (records, run info for the metrics).
@@ -171,7 +168,8 @@ def answer_all(tests, out_path, model_dir, role, params, server_log):
                             p["batch_size"], p["seed"], e["device"], e["devices"], p.get("stop_tokens") or ())
     sampling = (p["top_p"], p["temperature"], p["max_dec_len"], p["seed"])
     o = p["openai"]
-    client = dict(concurrency=o["concurrency"], timeout=o["timeout_s"], max_retries=o["max_retries"])
+    client = dict(concurrency=o["concurrency"], timeout=o["timeout_s"], max_retries=o["max_retries"],
+                  stop_token_ids=served_stop_ids(model_dir, p.get("stop_tokens") or ()))
     if p["backend"] == "managed":
         m = p["managed"]
         with managed.managed_server(m["command"], model_dir, server_log, m["ready_timeout_s"]) as (url, name):

@@ -6,7 +6,9 @@ queued experiments (each with its models/merged in a temp folder) would all be a
 
 - The command is a template (infer.managed.command, presets in conf/server/): {model} the model directory, {host},
   {port} a free port chosen now (so parallel queued experiments do not collide), {name} the served model name,
-  {python} this interpreter.
+  {python} this interpreter, and more free ports for servers that open several ({metrics_port},
+  {engine_worker_queue_port}, {cache_queue_port}: FastDeploy's, whose older defaults 8001-8003 made a second
+  server fail).
 - {name} is the model directory's name plus a hash of its files: the server must list exactly that name at
   GET /v1/models, or the stage refuses to go on (a server answering for another model is never trusted).
 - Readiness: GET /v1/models answers within infer.managed.ready_timeout_s, else the stage fails with the server's
@@ -45,11 +47,23 @@ def _tail(path, n=30):
         return "(no log)"
 
 
+PORT_FIELDS = ("port", "metrics_port", "engine_worker_queue_port", "cache_queue_port")
+
+
+def command_fields(model_dir, host="127.0.0.1"):
+    """What a command template may use: a distinct free port for each of PORT_FIELDS, and the rest."""
+    ports = set()
+    while len(ports) < len(PORT_FIELDS):
+        ports.add(free_port(host))
+    return {"model": str(model_dir), "host": host, "name": served_name(model_dir), "python": sys.executable,
+            **dict(zip(PORT_FIELDS, sorted(ports)))}
+
+
 @contextmanager
 def managed_server(command, model_dir, log_path, ready_timeout_s, host="127.0.0.1"):
     """Start `command` on model_dir, wait until it serves served_name(model_dir); yields (base_url, name)."""
-    name, port = served_name(model_dir), free_port(host)
-    fields = {"model": str(model_dir), "host": host, "port": port, "name": name, "python": sys.executable}
+    fields = command_fields(model_dir, host)
+    name, port = fields["name"], fields["port"]
     argv = [str(part).format(**fields) for part in command]
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)

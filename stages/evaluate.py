@@ -4,7 +4,6 @@
     python stages/evaluate.py --name tuned --replies data/infer/tuned.jsonl --baseline data/infer/baseline.jsonl \
         --out metrics/tuned.json
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -12,11 +11,10 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ernie_dpo.common import get_logger, load_params, read_jsonl, write_json  # noqa: E402
-from ernie_dpo.stats import bootstrap_delta, reply_metrics  # noqa: E402
+from ernie_dpo.common import get_logger, load_params, read_jsonl, stage_parser, write_json
+from ernie_dpo.stats import bootstrap_delta, reply_metrics
 
 log = get_logger("evaluate")
 
@@ -35,7 +33,7 @@ def plot_lengths(b, t, model, path):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = stage_parser(__file__, __doc__)
     ap.add_argument("--name", required=True)
     ap.add_argument("--replies", required=True)
     ap.add_argument("--baseline")

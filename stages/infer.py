@@ -11,21 +11,19 @@ infer params: an interrupted run resumes where it stopped, and a run with differ
 The finished file is then written to --out in test-set order, and how it was produced (backend, device, CPU threads,
 sampling settings with top_k off, stop tokens, replies/s, new tokens/s) to metrics/infer_<name>.json.
 """
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ernie_dpo.common import fingerprint, get_logger, load_params, read_jsonl, write_json, write_jsonl  # noqa: E402
-from ernie_dpo import engine  # noqa: E402
-from ernie_dpo.generate import answer_all  # noqa: E402
-from ernie_dpo.openai_client import ServedError  # noqa: E402
+from ernie_dpo.common import fingerprint, get_logger, load_params, read_jsonl, stage_parser, write_json, write_jsonl
+from ernie_dpo import engine
+from ernie_dpo.generate import answer_all
+from ernie_dpo.openai_client import ServedError
 
 log = get_logger("infer")
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = stage_parser(__file__, __doc__)
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()

@@ -2,12 +2,10 @@
 trained model itself, hard-linked file by file (no gigabytes copied; DVC stores identical files once in its cache)."""
 import os
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ernie_dpo import engine  # noqa: E402
-from ernie_dpo.common import get_logger, load_params  # noqa: E402
+from ernie_dpo import engine
+from ernie_dpo.common import get_logger, load_params, stage_parser
 
 log = get_logger("merge")
 OUT = Path("models/merged")
@@ -25,6 +23,7 @@ def link_tree(src, dst):
 
 
 def main():
+    stage_parser(__file__, __doc__).parse_args()
     params = load_params()
     fine_tuning, device = params["train"]["fine_tuning"], params["engine"]["device"]
     engine.require_device(params, "merge")
@@ -33,8 +32,9 @@ def main():
         log.info("merging the LoRA adapter in models/train into models/base")
         engine.merge_lora("models/base", "models/train", OUT, device)
     else:
-        log.info("full fine-tuning: linking models/train to %s", OUT)
+        log.info("full fine-tuning: linking models/train to %s (tokenizer files from models/base)", OUT)
         link_tree("models/train", OUT)
+        engine.copy_tokenizer_files("models/base", OUT)  # as the hub wrote them, not as the engine re-saved them
     log.info("merged model ready in %s", OUT)
 
 

@@ -1,15 +1,14 @@
 """prepare: ShareGPT DPO json -> ERNIE DPO jsonl, with every dropped record counted and written with its reason."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ernie_dpo.common import get_logger, load_params, write_json, write_jsonl  # noqa: E402
-from ernie_dpo.data import DataError, load_sharegpt, prepare_records  # noqa: E402
+from ernie_dpo.common import get_logger, load_params, stage_parser, write_json, write_jsonl
+from ernie_dpo.data import DataError, load_sharegpt, prepare_records
 
 log = get_logger("prepare")
 
 
 def main():
+    stage_parser(__file__, __doc__).parse_args()
     params = load_params()
     raw_path = params["data"]["raw_path"]
     log.info("reading %s", raw_path)

@@ -7,23 +7,21 @@ Each probe is asked probes.samples times. Writes data/probes/<name>.jsonl (every
 metrics/probes_<name>.json. Progress is resumable like infer (data/infer/partial/probes_<name>-<key>.jsonl), and
 infer.backend applies here too.
 """
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ernie_dpo.common import fingerprint, get_logger, load_params, read_json, write_json, write_jsonl  # noqa: E402
-from ernie_dpo import engine  # noqa: E402
-from ernie_dpo.generate import answer_all  # noqa: E402
-from ernie_dpo.openai_client import ServedError  # noqa: E402
-from ernie_dpo.probes import ProbeError, expand, load_probes, retention, score  # noqa: E402
+from ernie_dpo.common import fingerprint, get_logger, load_params, read_json, stage_parser, write_json, write_jsonl
+from ernie_dpo import engine
+from ernie_dpo.generate import answer_all
+from ernie_dpo.openai_client import ServedError
+from ernie_dpo.probes import ProbeError, expand, load_probes, retention, score
 
 log = get_logger("probe")
 PROBES = "data/probes/probes.jsonl"
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = stage_parser(__file__, __doc__)
     ap.add_argument("--name", required=True, choices=["baseline", "tuned"])
     ap.add_argument("--model", required=True)
     args = ap.parse_args()

@@ -1,15 +1,14 @@
 """testset: a fixed sample of prompts (seeded) in OpenAI message format, for baseline and tuned inference."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ernie_dpo.common import get_logger, load_params, read_jsonl, write_json, write_jsonl  # noqa: E402
-from ernie_dpo.data import DataError, make_testset  # noqa: E402
+from ernie_dpo.common import get_logger, load_params, read_jsonl, stage_parser, write_json, write_jsonl
+from ernie_dpo.data import DataError, make_testset
 
 log = get_logger("testset")
 
 
 def main():
+    stage_parser(__file__, __doc__).parse_args()
     p = load_params()["testset"]
     records = read_jsonl("data/prepared/dpo.jsonl")
     try:

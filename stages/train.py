@@ -4,15 +4,17 @@ Checkpoints (train.save_steps > 0) go to checkpoints/train-<hash of base model, 
 DVC's outputs: a run killed after a checkpoint resumes from it when the stage runs again (the engine resumes from the
 newest checkpoint-N in its output folder); a run with any other input starts afresh.
 
-Before training, every pair is measured with the base model's tokenizer and the engine's own encoding and length
-rules (engine.fit_pairs): pairs the engine would skip (longer than train.max_seq_len) or whose prompt is longer than
-train.max_prompt_len are dropped here and counted, and the engine is given only pairs it will train on
-(logs/train/pairs.jsonl). More than train.max_skipped_share dropped stops the stage. After training, any "[SKIP]" in
-the engine log is an error: pairs offered - pairs dropped = pairs trained, on every profile.
+Before training, every pair is encoded into the token ids the engine will train on (tokens.fit_pairs: the base
+model's tokenizer and chat template, targets that end as the template ends a turn). A pair longer than
+train.max_seq_len, or with a prompt longer than train.max_prompt_len, is dropped and counted -- or, with
+train.truncate, cut to fit (earlier turns, then the prompt from the left, then the answers from the right) and
+counted. The engine is given the ids themselves (logs/train/pairs.jsonl, `token_ids`) and trains on exactly them.
+More than train.max_skipped_share dropped stops the stage. After training, any "[SKIP]" in the engine log is an error:
+pairs offered - pairs dropped = pairs trained, on every profile.
 
-Outputs: models/train (LoRA adapter or full model), logs/train/pairs.jsonl, logs/train/dpo.yaml (the exact engine config: rerun it by hand with
-`paddleformers-cli train logs/train/dpo.yaml` on a GPU, `python -m ernie_dpo.engine train logs/train/dpo.yaml` on a
-CPU), logs/train/engine.log, metrics/train.json (final values), metrics/dvclive/ (per-step curves) and
+Outputs: models/train (LoRA adapter or full model), logs/train/pairs.jsonl, logs/train/dpo.yaml (the exact engine
+config; rerun it by hand with `python -m ernie_dpo.engine train logs/train/dpo.yaml`, never with
+`paddleformers-cli train`, which would re-encode the pairs its own way), logs/train/engine.log, metrics/train.json (final values), metrics/dvclive/ (per-step curves) and
 metrics/plots/dpo_curves.png.
 """
 import csv
@@ -24,14 +26,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dvclive import Live  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from dvclive import Live
+from tqdm import tqdm
 
-from ernie_dpo import engine  # noqa: E402
-from ernie_dpo.common import fingerprint, get_logger, load_params, read_jsonl, write_json, write_jsonl  # noqa: E402
+from ernie_dpo import engine, tokens
+from ernie_dpo.common import fingerprint, get_logger, load_params, read_jsonl, stage_parser, write_json, write_jsonl
 
 log = get_logger("train")
 OUT, LOGS = Path("models/train"), Path("logs/train")
@@ -56,32 +57,41 @@ def plot_curves(live_dir, title, path):
     fig.savefig(path, dpi=100)
 
 
-def count_fitting_pairs(p):
-    """Drop (and count) the pairs the engine would skip or that break max_prompt_len; write the rest for the engine."""
+def encode_pairs(p):
+    """Every pair as the token ids the engine will train on (tokens.fit_pairs); pairs that cannot be trained on are
+    dropped and counted, cut pairs counted with the tokens cut. The rest, ids included, go to the engine."""
     from paddleformers.transformers import AutoTokenizer
 
     pairs = read_jsonl("data/trainset/train.jsonl")
     tokenizer = AutoTokenizer.from_pretrained("models/base")
-    kept, counts, tokens = engine.fit_pairs(tokenizer, pairs, p["max_seq_len"], p["max_prompt_len"])
-    dropped = counts["too_long"] + counts["prompt_too_long"]
-    log.info("%d pairs offered: %d fit, %d fit after the engine drops early turns, %d longer than max_seq_len %d, "
-             "%d with a prompt longer than max_prompt_len %d; training on %d", len(pairs), counts["fits"],
-             counts["history_truncated"], counts["too_long"], p["max_seq_len"], counts["prompt_too_long"],
-             p["max_prompt_len"], len(kept))
+    kept, counts, cut = tokens.fit_pairs(tokenizer, pairs, p["max_seq_len"], p["max_prompt_len"], p["truncate"])
+    dropped = len(pairs) - len(kept)
+    log.info("%d pairs offered (max_seq_len %d, max_prompt_len %d, truncate %s): %d fit whole, %d without some "
+             "earlier turns, %d cut to fit (tokens cut: prompts %d, chosen %d, rejected %d); dropped: %d longer than "
+             "max_seq_len, %d with a prompt longer than max_prompt_len, %d identical once cut; training on %d. "
+             "Answers end with %s", len(pairs), p["max_seq_len"], p["max_prompt_len"], p["truncate"],
+             counts["fits"], counts["history_truncated"], counts["truncated"], cut["tokens_cut_prompt"],
+             cut["tokens_cut_chosen"], cut["tokens_cut_rejected"], counts["too_long"], counts["prompt_too_long"],
+             counts["identical_after_truncation"], len(kept),
+             "the chat template's end of turn" if not cut["answer_suffix"] else f"{cut['answer_suffix']} appended")
     share = dropped / len(pairs)
     if share > p["max_skipped_share"]:
-        sys.exit(f"train: {dropped} of {len(pairs)} pairs ({share:.0%}) do not fit (longer than train.max_seq_len "
-                 f"{p['max_seq_len']}: {counts['too_long']}; prompt longer than train.max_prompt_len "
-                 f"{p['max_prompt_len']}: {counts['prompt_too_long']}), more than train.max_skipped_share "
-                 f"{p['max_skipped_share']}. Raise the lengths, or the share to train on the rest anyway.")
+        sys.exit(f"train: {dropped} of {len(pairs)} pairs ({share:.0%}) cannot be trained on (longer than "
+                 f"train.max_seq_len {p['max_seq_len']}: {counts['too_long']}; prompt longer than "
+                 f"train.max_prompt_len {p['max_prompt_len']}: {counts['prompt_too_long']}; identical once cut: "
+                 f"{counts['identical_after_truncation']}), more than train.max_skipped_share "
+                 f"{p['max_skipped_share']}. Raise the lengths, set train.truncate=true to cut long pairs instead "
+                 f"of dropping them, or raise the share to train on the rest anyway.")
     write_jsonl(LOGS / "pairs.jsonl", kept)
-    return {"pairs_offered": len(pairs), "pairs_trained": len(kept), "pairs_skipped_too_long": counts["too_long"],
-            "pairs_skipped_prompt_too_long": counts["prompt_too_long"],
-            "pairs_history_truncated": counts["history_truncated"],
-            "pair_tokens_max": max(tokens) if tokens else 0}
+    return {"pairs_offered": len(pairs), "pairs_trained": len(kept), "pairs_dropped": dropped,
+            "pairs_dropped_too_long": counts["too_long"], "pairs_dropped_prompt_too_long": counts["prompt_too_long"],
+            "pairs_dropped_identical_after_truncation": counts["identical_after_truncation"],
+            "pairs_history_truncated": counts["history_truncated"], "pairs_truncated": counts["truncated"],
+            **{k: v for k, v in cut.items() if k != "answer_suffix"}}
 
 
 def main():
+    stage_parser(__file__, __doc__).parse_args()
     params = load_params()
     p, e, device = params["train"], params["engine"], params["engine"]["device"]
     engine.require_device(params, "train")
@@ -98,7 +108,7 @@ def main():
         log.info("resuming from %s (an earlier run with the same inputs was interrupted)", resumed[-1])
     for d in (OUT, LOGS):
         shutil.rmtree(d, ignore_errors=True)
-    fit = count_fitting_pairs(p)
+    fit = encode_pairs(p)
     try:
         cfg = engine.dpo_config("models/base", LOGS / "pairs.jsonl", work, device, p, e)
         cfg_path = engine.write_config(cfg, LOGS / "dpo.yaml")

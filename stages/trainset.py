@@ -1,16 +1,15 @@
 """trainset: DPO training pairs from the records NOT in the test set, filtered by the recipe's length rules."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ernie_dpo.common import get_logger, load_params, read_json, read_jsonl, write_json, write_jsonl  # noqa: E402
-from ernie_dpo.data import (DataError, chosen_text, pool_outside, prompt_key, rejected_text,  # noqa: E402
+from ernie_dpo.common import get_logger, load_params, read_json, read_jsonl, stage_parser, write_json, write_jsonl
+from ernie_dpo.data import (DataError, chosen_text, pool_outside, prompt_key, rejected_text,
                             sample_down, select_pairs)
 
 log = get_logger("trainset")
 
 
 def main():
+    stage_parser(__file__, __doc__).parse_args()
     p = load_params()["trainset"]
     records = read_jsonl("data/prepared/dpo.jsonl")
     test = read_jsonl("data/testset/testset.jsonl")

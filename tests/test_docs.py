@@ -4,7 +4,6 @@ does not exist, a sweep, or a profile that does not compose fails here, not in a
 the script's existence. `dvc repro` and the test command themselves run in test_pipeline.py and .ci/run."""
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 import yaml

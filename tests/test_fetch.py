@@ -4,10 +4,11 @@ import json
 import subprocess
 import sys
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import pytest
-
 from conftest import LoopbackServer, free_port, venv_env
+
 from ernie_dpo.fetch import FetchError, download, file_url
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -98,7 +99,7 @@ def test_busy_server_is_retried(tmp_path, hub):
 
 
 def fetch(repo, endpoint, *extra):
-    return subprocess.run([sys.executable, "data/fetch.py", "--endpoint", endpoint, "--retries", "1", *extra],
+    return subprocess.run([str(Path(sys.executable).parent / "ernie-dpo"), "fetch", "--endpoint", endpoint, "--retries", "1", *extra],
                           cwd=repo, env=venv_env(), capture_output=True, text=True)
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from ernie_dpo import decode
 from ernie_dpo.data import to_messages
-from ernie_dpo.engine import prompt_ids
+from ernie_dpo.tokens import prompt_ids
 from ernie_dpo.generate import LocalModel, StopTokenError, stop_tokens
 
 
@@ -64,10 +64,28 @@ def test_stop_tokens_come_from_the_model_and_unknown_ones_are_errors(lm, tiny_ba
 
 
 def test_nucleus_sampling_keeps_only_the_top_p_mass():
-    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
-    rng = np.random.Generator(np.random.PCG64(0))
-    seen = {decode.sample_token(logits, 1.0, 0.7, rng) for _ in range(2000)}
-    assert seen == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the nucleus is the first two tokens
-    assert decode.sample_token(logits, 0.0, 0.7, rng) == 0  # temperature 0 is greedy
-    counts = np.bincount([decode.sample_token(logits, 1.0, 1.0, rng) for _ in range(4000)], minlength=4) / 4000
-    assert np.abs(counts - [0.5, 0.3, 0.15, 0.05]).max() < 0.03
+    import paddle
+
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    u = np.random.Generator(np.random.PCG64(0)).random(4000)
+    rows = paddle.to_tensor(np.tile(np.log(probs), (4000, 1)).astype("float32"))
+    assert set(decode.sample_tokens(rows, 1.0, 0.7, u).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3: two tokens
+    assert decode.sample_tokens(rows[:3], 0.0, 0.7, u[:3]).tolist() == [0, 0, 0]  # temperature 0 is greedy
+    counts = np.bincount(decode.sample_tokens(rows, 1.0, 1.0, u), minlength=4) / 4000
+    assert np.abs(counts - probs).max() < 0.03
+    assert {decode.sample_token(np.log(probs), 1.0, 0.7, x) for x in u[:500]} == {0, 1}
+
+
+def test_sampling_on_the_device_agrees_with_the_whole_vocabulary_on_the_host():
+    """sample_tokens looks at the 64 most probable tokens where the logits are; sample_token sorts the whole
+    vocabulary on the host. Same uniforms, same tokens -- and a flat row (nucleus beyond 64 tokens) falls back."""
+    import paddle
+
+    rng = np.random.Generator(np.random.PCG64(1))
+    logits = (rng.standard_normal((6, 1000)) * 4).astype("float32")
+    logits[5] = 0.0  # flat: the nucleus holds 700 tokens
+    u = rng.random(6)
+    device = decode.sample_tokens(paddle.to_tensor(logits), 0.7, 0.7, u)
+    host = [decode.sample_token(logits[r], 0.7, 0.7, u[r]) for r in range(6)]
+    assert device.tolist() == host
+    assert device[5] >= 64 or u[5] < 64 / 700  # drawn from the whole nucleus, not from 64 candidates

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ernie_dpo import engine
+from ernie_dpo import engine, tokens
 from ernie_dpo.common import read_jsonl, write_jsonl
 from ernie_dpo.data import to_messages
 from ernie_dpo.generate import generate_all
@@ -107,8 +107,8 @@ def test_generation_resumes_after_an_interruption(tiny_base, sample_records, tmp
 
 
 def test_the_length_count_agrees_with_what_the_engine_skips(tiny_base, sample_records, tmp_path):
-    """engine.fit_pairs predicts the engine's own [SKIP]s: hand the engine the unfiltered pairs and it skips the ones
-    the count called too long; hand it the filtered ones and it skips none."""
+    """tokens.fit_pairs predicts the engine's own [SKIP]s: hand the engine the unfiltered pairs (its own encoding)
+    and it skips the ones the count called too long; hand it the kept ones (with their token ids) and it skips none."""
     from paddleformers.transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_base))
@@ -116,9 +116,9 @@ def test_the_length_count_agrees_with_what_the_engine_skips(tiny_base, sample_re
     too_long = [{**r, "id": f"long{k}", "response": [r["response"][0], [long_answer]]}
                 for k, r in enumerate(sample_records[:3])]
     pairs = sample_records[3:11] + too_long
-    kept, counts, tokens = engine.fit_pairs(tok, pairs, max_seq_len=256, max_prompt_len=128)
+    kept, counts, cut = tokens.fit_pairs(tok, pairs, max_seq_len=256, max_prompt_len=128)
     assert counts["too_long"] == 3 and len(kept) == len(pairs) - 3 - counts["prompt_too_long"]
-    assert max(tokens) <= 256
+    assert 0 < cut["pair_tokens_max"] <= 256
 
     def skips(records, name):
         write_jsonl(tmp_path / f"{name}.jsonl", records)
@@ -137,11 +137,11 @@ def test_early_turns_that_do_not_fit_are_counted_as_truncated(tiny_base):
     from paddleformers.transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_base))
-    engine.use_cumulative_chat_encoding()
     history = " ".join(["An early turn with many words in it."] * 20)
     rec = {"id": "m", "src": [history, "Short question?"], "tgt": [history], "response": [["Yes."], ["No, not at all."]],
            "sort": [1, 0]}
-    status, prompt, total = engine.pair_fit(tok, rec, max_seq_len=64, max_prompt_len=64)
-    assert status == "history_truncated" and total <= 64
-    assert engine.pair_fit(tok, rec, max_seq_len=4096, max_prompt_len=4096)[0] == "fits"
-    assert engine.pair_fit(tok, rec, max_seq_len=4096, max_prompt_len=16)[0] == "prompt_too_long"
+    msgs = to_messages(rec, keep_system=True)
+    pair = tokens.encode_pair(tok, msgs, "Yes.", "No, not at all.", max_seq_len=64, max_prompt_len=64)
+    assert pair.status == "history_truncated" and pair.total <= 64 and pair.cut["prompt"] > 0
+    assert tokens.encode_pair(tok, msgs, "Yes.", "No, not at all.", 4096, 4096).status == "fits"
+    assert tokens.encode_pair(tok, msgs, "Yes.", "No, not at all.", 4096, 16).status == "prompt_too_long"

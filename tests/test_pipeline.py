@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -183,7 +182,7 @@ def experiments(shown):
 
 def test_series_runs_exp1_to_exp4_and_the_report_matches_dvc_exp_show(repo):
     params_before = (repo / "params.yaml").read_text()
-    sh([sys.executable, "experiments/run_series.py"], repo)
+    sh([str(Path(sys.executable).parent / "ernie-dpo"), "series"], repo)
     exps = experiments(json.loads(dvc("exp", "show", "--json", cwd=repo).stdout))
     assert {"exp1", "exp2", "exp3", "exp4"} <= exps.keys()
     p = {n: exps[n]["params"] for n in ("exp1", "exp2", "exp3", "exp4")}

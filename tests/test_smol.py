@@ -10,9 +10,9 @@ import copy
 import numpy as np
 import pytest
 
-from ernie_dpo import engine, gguf_model
+from ernie_dpo import engine, gguf_model, tokens
 from ernie_dpo.common import write_jsonl
-from ernie_dpo.engine import prompt_ids
+from ernie_dpo.tokens import prompt_ids
 from ernie_dpo.generate import LocalModel
 
 PARAGRAPH = ("The cat sat on the mat. It was a sunny day, and the children were playing in the park. Their parents "
@@ -96,10 +96,26 @@ def test_training_and_inference_see_the_same_prompt_tokens(smol, rec):
     from ernie_dpo.data import to_messages
 
     infer = prompt_ids(smol.tokenizer, to_messages(rec, keep_system=True))
-    engine.use_cumulative_chat_encoding()  # what the engine process does (engine._engine_main)
+    tokens.use_cumulative_chat_encoding()  # what the engine process does (engine._engine_main)
     assert engine_training_prompt(smol.tokenizer, rec) == infer
     text = smol.tokenizer.decode(infer)
     assert text.count("<|im_start|>system") == 1 and text.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("rec", [{**MULTI, "src": MULTI["src"][-1:], "tgt": []}, MULTI], ids=["single", "multi"])
+def test_trained_ids_are_the_chat_templates_rendering_of_the_whole_conversation(smol, rec):
+    """The engine used to train on `answer<|im_end|>\n<|im_end|>` (its eos appended after the template's end of
+    turn); the targets now end as the template ends the turn, token for token."""
+    from ernie_dpo.data import to_messages
+
+    [kept], counts, cut = tokens.fit_pairs(smol.tokenizer, [rec], 512, 256)
+    assert cut["answer_suffix"] == []
+    ids = kept["token_ids"]
+    for side, answer in (("chosen", rec["response"][0][0]), ("rejected", rec["response"][1][0])):
+        conversation = to_messages(rec, True) + [{"role": "assistant", "content": answer}]
+        whole = smol.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)
+        assert whole.endswith(answer + "<|im_end|>\n")
+        assert ids["prompt"] + ids[side] == smol.tokenizer(whole, add_special_tokens=False)["input_ids"]
 
 
 def test_the_engines_default_encoding_would_differ_on_multi_turn(smol):
@@ -107,7 +123,7 @@ def test_the_engines_default_encoding_would_differ_on_multi_turn(smol):
     default system prompt again (what the issue measured), so training prompts differed from inference."""
     from ernie_dpo.data import to_messages
 
-    engine.use_cumulative_chat_encoding()
+    tokens.use_cumulative_chat_encoding()
     rec = {k: v for k, v in MULTI.items() if k != "system"}
     turns = type(smol.tokenizer)._engine_default_one_turn(smol.tokenizer, {"messages": to_messages(rec, True)})
     default = [i for t in turns for part in t for i in part]
@@ -119,7 +135,7 @@ def test_a_couple_of_lora_dpo_steps_on_the_real_model(smol_dir, sample_records, 
     from paddleformers.transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(smol_dir))
-    kept, counts, _ = engine.fit_pairs(tok, sample_records[:8], max_seq_len=512, max_prompt_len=256)
+    kept, counts, _ = tokens.fit_pairs(tok, sample_records[:8], max_seq_len=512, max_prompt_len=256)
     assert counts["too_long"] == 0 and len(kept) == 8
     write_jsonl(tmp_path / "pairs.jsonl", kept)
     p = dict(max_steps=2, warmup_steps=1, global_batch_size=2, learning_rate=1e-4, fine_tuning="lora",
