@@ -24,9 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from the repository: ernie_dpo without installing anything else
-from ernie_dpo.engine import checkpoint_is_complete  # noqa: E402
+from ernie_dpo.engine import (
+    checkpoint_is_complete,  # the installed project (`make install-gpu` in setup)
+)
 
 MANIFEST = "manifest.json"  # in the bucket's copy only, written last
 KEEP = 2  # copies per train-<hash> folder in the bucket

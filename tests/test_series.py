@@ -1,6 +1,16 @@
 """The recipe's series plan and the report table, on numbers whose right answer is known."""
-import pytest
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
+import yaml
+from conftest import venv_env
+
+from ernie_dpo import series
 from ernie_dpo.report import ReportError, render, table
 from ernie_dpo.series import count_pairs, plan
 
@@ -35,13 +45,13 @@ def test_counts_use_string_lengths(sample_records):
 
 def row(name, mean, median, **extra):
     r = {"Experiment": name, "typ": "branch_commit", "rev": "abc", "model.name_or_path": "tiny",
-         "baseline.len_mean": 93.2, "baseline.len_median": 76.0, "baseline.replies": 60, "infer.top_p": 0.7,
+         "baseline.chars_mean": 93.2, "baseline.chars_median": 76.0, "baseline.replies": 60, "infer.top_p": 0.7,
          "infer.temperature": 0.7, "infer.max_dec_len": 160, "evaluate.bootstrap_samples": 2000,
          "trainset.strategy": "ratio", "trainset.min_ratio": 1.2, "trainset.baseline_tolerance": 0.3,
          "trainset.pairs": 103, "train.fine_tuning": "full", "train.max_steps": 13, "train.warmup_steps": 4,
-         "train.global_batch_size": 8, "train.learning_rate": 5e-5, "tuned.len_mean": mean, "tuned.len_median": median,
-         "delta.len_mean": mean - 93.2, "delta.len_mean_ci_low": -1.0, "delta.len_mean_ci_high": 1.0,
-         "delta.len_median": median - 76, "delta.len_median_ci_low": -2.0, "delta.len_median_ci_high": 2.0,
+         "train.global_batch_size": 8, "train.learning_rate": 5e-5, "tuned.chars_mean": mean, "tuned.chars_median": median,
+         "delta.chars_mean": mean - 93.2, "delta.chars_mean_ci_low": -1.0, "delta.chars_mean_ci_high": 1.0,
+         "delta.chars_median": median - 76, "delta.chars_median_ci_low": -2.0, "delta.chars_median_ci_high": 2.0,
          "probes_baseline.pass_rate": 0.2, "probes_tuned.pass_rate": 0.25, "probes_tuned.retention": 1.25}
     r.update(extra)
     return r
@@ -83,6 +93,135 @@ def test_the_newest_commit_s_experiment_wins():
 
 
 def test_report_refuses_experiments_with_different_baselines():
-    rows = [row("exp2", 80.0, 50.0), row("exp4", 40.0, 30.0, **{"baseline.len_mean": 120.0})]
+    rows = [row("exp2", 80.0, 50.0), row("exp4", 40.0, 30.0, **{"baseline.chars_mean": 120.0})]
     with pytest.raises(ReportError, match="do not share one baseline"):
         table(rows, ["exp2", "exp4"])
+
+
+# ------------------------------------------------------------------------------ one experiment per GPU (issue 19)
+
+ERNIE_DPO = str(Path(sys.executable).parent / "ernie-dpo")
+RECIPE_COUNTS = {"near_baseline": 103, "ratio_1.2": 210, "ratio_2": 110}
+
+
+def test_gpus_become_device_groups_and_waves_never_share_a_group():
+    assert series.device_groups("0,1,2,3") == ["0", "1", "2", "3"]
+    assert series.device_groups("4, 5,6,7", per_experiment=2) == ["4,5", "6,7"]
+    for bad in ("0,0", "a,b", "", "0,1,2"):
+        with pytest.raises(ValueError):
+            series.device_groups(bad, per_experiment=2 if bad == "0,1,2" else 1)
+    w = series.waves(["exp1", "exp2", "exp3", "exp4", "exp5"], ["0", "1"])
+    assert w == [[("exp1", "0"), ("exp2", "1")], [("exp3", "0"), ("exp4", "1")], [("exp5", "0")]]
+    assert all(len({d for _, d in wave}) == len(wave) for wave in w)  # within a wave, one experiment per group
+
+
+def test_per_gpu_plan_differs_from_the_one_by_one_plan_only_in_engine_devices():
+    experiments = plan(RECIPE_COUNTS, global_batch_size=8, warmup_steps=4)
+    one_by_one = series.queue_plan(experiments, "demo")
+    per_gpu = series.queue_plan(experiments, "demo", groups=["0", "1", "2"])
+    assert [run for _, run in one_by_one] == [["exp", "run", "--run-all", "-j", "1"]]
+    assert [run for _, run in per_gpu] == [["exp", "run", "--run-all", "-j", "3"],
+                                           ["exp", "run", "--run-all", "-j", "1"]]
+    queued = [cmd for queue, _ in per_gpu for cmd in queue]
+    assert [cmd[-2:] for cmd in queued] == [["-S", 'engine.devices="0"'], ["-S", 'engine.devices="1"'],
+                                            ["-S", 'engine.devices="2"'], ["-S", 'engine.devices="0"']]
+    assert [cmd[:-2] for cmd in queued] == one_by_one[0][0]  # same names, same overrides, same order
+
+
+def git_commit_all(root):
+    env = venv_env()
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=root, env=env, check=True, capture_output=True)
+
+
+def test_series_gpus_dry_run_prints_waves_whose_commands_parse_and_compose(run_stage, tmp_path):
+    from dvc.cli import parse_args
+    from dvc.utils.hydra import compose_and_dump
+
+    run_stage("prepare")
+    run_stage("testset")
+    git_commit_all(run_stage.root)
+    r = subprocess.run([ERNIE_DPO, "series", "--gpus", "0,1,2", "--dry"], cwd=run_stage.root, env=venv_env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [line for line in lines if line.startswith("#")] == [
+        "# wave 1 of 2: exp1 on GPU 0, exp2 on GPU 1, exp3 on GPU 2", "# wave 2 of 2: exp4 on GPU 0"]
+    assert [line for line in lines if "--run-all" in line] == ["dvc exp run --run-all -j 3",
+                                                                "dvc exp run --run-all -j 1"]
+    queued = [shlex.split(line) for line in lines if line.startswith("dvc exp run --queue")]
+    assert [q[q.index("-n") + 1] for q in queued] == ["exp1", "exp2", "exp3", "exp4"]
+    for argv, devices in zip(queued, ["0", "1", "2", "0"]):
+        parse_args(argv[1:])  # DVC's own parser
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "-S"]
+        out = tmp_path / f"{argv[argv.index('-n') + 1]}.yaml"
+        compose_and_dump(out, str(run_stage.root / "conf"), None, "config", str(run_stage.root), sets)
+        assert yaml.safe_load(out.read_text())["engine"]["devices"] == devices  # a string, as params.py requires
+    bad = subprocess.run([ERNIE_DPO, "series", "--gpus", "0,1", "--jobs", "3", "--dry"], cwd=run_stage.root,
+                         env=venv_env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and "--gpus already runs one experiment per group" in bad.stderr
+
+
+TOY_STAGE = '''import json, os, time, yaml
+p = yaml.safe_load(open("params.yaml"))
+start = time.time()
+time.sleep(p["exp"]["seconds"])
+json.dump({"run": {"start": start, "end": time.time(), "pid": os.getpid()}}, open("run.json", "w"))
+'''
+
+
+@pytest.fixture
+def toy_repo(tmp_path, monkeypatch):
+    """A tiny Hydra-composed DVC project whose one stage sleeps and records when it ran: the real queue, in seconds."""
+    root = tmp_path / "toy"
+    (root / "conf/profile").mkdir(parents=True)
+    (root / "conf/config.yaml").write_text('defaults:\n  - _self_\n  - profile: demo\nengine:\n  devices: "0"\n'
+                                           'exp:\n  seconds: 0\n  id: 0\n')
+    (root / "conf/profile/demo.yaml").write_text("# @package _global_\nprofile_name: demo\n")
+    (root / "stage.py").write_text(TOY_STAGE)
+    (root / "dvc.yaml").write_text("stages:\n  work:\n    cmd: python stage.py\n    deps: [stage.py]\n"
+                                   "    params: [engine.devices, exp.seconds, exp.id]\n"
+                                   "    metrics: [{run.json: {cache: false}}]\n")
+    env = venv_env()
+    subprocess.run(["git", "init", "-q"], cwd=root, env=env, check=True)
+    for args in (["init", "-q"], ["config", "hydra.enabled", "true"]):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, check=True, capture_output=True)
+    git_commit_all(root)
+    monkeypatch.chdir(root)  # series runs dvc in the current folder, as `ernie-dpo series` does
+    monkeypatch.setenv("PATH", env["PATH"])  # `python` in the stage command: this environment's
+    return root
+
+
+def test_a_real_dvc_queue_runs_each_wave_at_once_and_never_two_experiments_on_one_gpu(toy_repo):
+    # distinct ids: with equal params DVC would restore e3 from e1's run in its run cache instead of running it
+    experiments = {f"e{k}": {"exp.seconds": 5, "exp.id": k} for k in (1, 2, 3)}
+    start = time.time()
+    try:
+        series.run_queue(series.queue_plan(experiments, "demo", groups=["0", "1"]))
+    finally:
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "stop"], capture_output=True)
+    shown = json.loads(subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True,
+                                      text=True, check=True).stdout)
+    runs = {}
+    for rev in (r for c in shown for e in (c.get("experiments") or []) for r in e["revs"]):
+        data = rev["data"]
+        runs[rev["name"]] = {"devices": data["params"]["params.yaml"]["data"]["engine"]["devices"],
+                             **data["metrics"]["run.json"]["data"]["run"]}
+    assert {n: r["devices"] for n, r in runs.items()} == {"e1": "0", "e2": "1", "e3": "0"}
+    e1, e2, e3 = runs["e1"], runs["e2"], runs["e3"]
+    assert e1["start"] < e2["end"] and e2["start"] < e1["end"], runs  # wave 1: both at once
+    assert e3["start"] > max(e1["end"], e2["end"]), runs  # wave 2 only after wave 1: GPU 0 never shared
+    print(f"3 toy experiments in 2 waves: {time.time() - start:.0f} s")
+
+
+def test_the_committed_report_is_rendered_from_its_own_rows():
+    """metrics/report.md is render() of the rows saved next to it (metrics/report.json): one source of truth, so a
+    number edited by hand in the report, or a report left over from older experiments, fails here."""
+    import json
+
+    from conftest import ROOT
+
+    from ernie_dpo.report import render
+
+    saved = json.loads((ROOT / "metrics/report.json").read_text())
+    assert render(saved["rows"], saved["names"], saved["shas"].get) == (ROOT / "metrics/report.md").read_text()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, copy_repo, venv_env
 
 SKY_PYTHON = ROOT / ".venv-sky/bin/python"
@@ -92,11 +91,9 @@ def git(*args, cwd, env=None):
 def test_series_launcher_sky_prints_launches_that_skypilot_parses_and_loads(run_stage, tmp_path):
     from dvc.utils.hydra import compose_and_dump
 
-    from ernie_dpo.series import plan
-
     from ernie_dpo.common import read_json, read_jsonl
     from ernie_dpo.data import pool_outside
-    from ernie_dpo.series import count_pairs
+    from ernie_dpo.series import count_pairs, plan
 
     repo = run_stage.root
     run_stage("prepare")
