@@ -80,7 +80,7 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "dpop", "kto_pair", "sppo_hard
 
 SCHEMA = {
     "profile_name": Str(),
-    "data.raw_path": Str(),
+    "data.raw_path": Str(), "data.format": Choice("auto", "sharegpt", "trl", "alpaca", "openai", "erniekit"),
     "fetch.dataset": Str(), "fetch.file": Str(), "fetch.revision": Str(), "fetch.endpoint": Str(),
     "fetch.timeout_s": Num(gt=0),
     "prepare.max_chars": Int(1),
@@ -106,17 +106,26 @@ SCHEMA = {
     "probes.samples": Int(1),
     "trainset.strategy": Choice("ratio", "near_baseline"), "trainset.min_ratio": Num(gt=0),
     "trainset.baseline_tolerance": Num(gt=0), "trainset.keep_system": Bool(), "trainset.size": Int(0),
-    "trainset.seed": Int(0),
+    "trainset.seed": Int(0), "trainset.eval_pairs": Num(ge=0),
+    "diagnose.max_pairs": Int(1), "diagnose.seed": Int(0),
     "train.max_steps": Int(1), "train.warmup_steps": Int(0), "train.global_batch_size": Int(1),
     "train.learning_rate": Num(gt=0, lt=1), "train.fine_tuning": Choice("lora", "full"),
     "train.loss_type": Choice(*LOSS_TYPES), "train.beta": Num(gt=0), "train.sft_loss_ratio": Num(ge=0),
     "train.lora_rank": Int(1), "train.seed": Int(0), "train.max_seq_len": Int(8), "train.max_prompt_len": Int(1),
-    "train.truncate": Bool(), "train.max_skipped_share": Num(ge=0, le=1), "train.save_steps": Int(0),
+    "train.truncate": Bool(), "train.keep_chosen_end": Bool(), "train.max_skipped_share": Num(ge=0, le=1), "train.save_steps": Int(0),
+    "train.eval_steps": Int(0), "train.length_probe_steps": Int(0), "train.length_probe_prompts": Int(1),
+    "train.length_probe_max_dec_len": Int(1), "train.stop_if_longer": Num(ge=0), "train.stop_if_longer_probes": Int(1),
     "evaluate.bootstrap_samples": Int(100), "evaluate.seed": Int(0),
 }
 
 # Relations between keys: (check, message)
 RELATIONS = [
+    (lambda p: p["trainset"]["eval_pairs"] < 1 or float(p["trainset"]["eval_pairs"]).is_integer(),
+     "trainset.eval_pairs ({trainset.eval_pairs}) must be a share below 1 or a whole count"),
+    (lambda p: not p["train"]["length_probe_steps"] or p["trainset"]["eval_pairs"] > 0,
+     "train.length_probe_steps ({train.length_probe_steps}) needs held-out prompts: set trainset.eval_pairs > 0"),
+    (lambda p: not p["train"]["length_probe_steps"] or p["engine"]["tensor_parallel"] == 1,
+     "train.length_probe_steps needs engine.tensor_parallel 1 (a probe generates on rank 0 with the whole model)"),
     (lambda p: p["train"]["max_prompt_len"] < p["train"]["max_seq_len"],
      "train.max_prompt_len ({train.max_prompt_len}) must be smaller than train.max_seq_len ({train.max_seq_len}): "
      "the answers need room"),

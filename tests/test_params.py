@@ -5,8 +5,8 @@ import time
 
 import pytest
 import yaml
-
 from conftest import ROOT, copy_repo, venv_env
+
 from ernie_dpo.params import SCHEMA, problems
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
