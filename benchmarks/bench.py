@@ -22,7 +22,6 @@ from pathlib import Path
 from tabulate import tabulate
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def generation(n_prompts=32, max_dec_len=64, batch_size=8):
@@ -58,7 +57,7 @@ def prepare(sizes=(5000, 20000)):
     rows = []
     # tracemalloc: peak of Python allocations during prepare alone (ru_maxrss of a child would include the
     # interpreter and, after fork, can report the parent's size)
-    code = ("import sys, time, tracemalloc; sys.path.insert(0, {root!r}); "
+    code = ("import time, tracemalloc; "
             "from ernie_dpo.data import load_sharegpt, prepare_records; t = time.time(); "
             "kept, rej, c = prepare_records(load_sharegpt({path!r})); s = time.time() - t; del kept, rej; "
             "tracemalloc.start(); prepare_records(load_sharegpt({path!r})); "  # second pass: memory (slower)
@@ -67,7 +66,7 @@ def prepare(sizes=(5000, 20000)):
         for n in sizes:
             path = Path(tmp) / f"raw{n}.json"
             make_big_file(path, n)
-            out = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT), path=str(path))],
+            out = subprocess.run([sys.executable, "-c", code.format(path=str(path))],
                                  capture_output=True, text=True, check=True).stdout.split()
             read, kept, secs, peak_kb = int(out[0]), int(out[1]), float(out[2]), int(out[3])
             rows.append([f"(b) prepare, {n:,} records", f"{read / secs:,.0f} records/s",

@@ -9,10 +9,12 @@ transformers; never part of the main install). Both frameworks get the same toke
 template, encoded once here), the same weights directory, the same sampling (top_p 0.7, temperature 0.7, no top_k),
 the same stop token and max_new_tokens, and the same number of CPU threads.
 
-Prompts: 16 real-format chat prompts of mixed length (short questions, multi-turn conversations, and long "summarize
-these notes" prompts of up to ~1000 tokens), built deterministically from the bundled sample.
-Rows: replies/s and new tokens/s at batch 1 and batch 8, in two modes: "sampling" (replies end at the stop token)
-and "forced" (every reply runs to max_new_tokens; same work for both frameworks whatever they sample).
+Prompts (--prompts-from): "real" (default): the first N test prompts of the smol profile's real data
+(data/real/dpo_en_demo.json, the testset stage's seeded sample: real questions, multi-turn conversations, prompts of
+up to ~3000 tokens); "sample": N chat prompts of mixed length built deterministically from the synthetic sample.
+Rows: replies/s and new tokens/s at each batch size (--batches, default 1 8 16), in two modes: "sampling" (replies
+end at the stop token) and "forced" (every reply runs to max_new_tokens; same work for both frameworks whatever they
+sample); then the ratio of each side's BEST new tokens/s.
 Memory: peak RSS of local inference on 25 and 100 prompts (tiny model), each in a fresh process.
 """
 import argparse
@@ -28,7 +30,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+
+
+def real_prompts(n):
+    """The first n prompts of the smol profile's test set (real data, system prompts dropped, seed 2025)."""
+    from ernie_dpo.data import load_sharegpt, make_testset, prepare_records
+
+    records, _, _ = prepare_records(load_sharegpt(ROOT / "data/real/dpo_en_demo.json"))
+    return make_testset(records, max(n, 60), 2025, keep_system=False)[:n]
 
 
 def bench_prompts(n, seed=0):
@@ -91,8 +100,8 @@ def paddleformers_generate(model_dir, prompts, batch, max_new):
     sampling with top_p / temperature, forced to max_new tokens. Same weights, prompts, threads."""
     import paddle
 
-    from ernie_dpo.engine import prompt_ids
     from ernie_dpo.generate import LocalModel
+    from ernie_dpo.tokens import prompt_ids
 
     lm = LocalModel(model_dir, "cpu")
     model = lm.model
@@ -116,8 +125,8 @@ def paddleformers_generate(model_dir, prompts, batch, max_new):
 
 
 def encoded(model_dir, prompts):
-    from ernie_dpo.engine import prompt_ids
     from ernie_dpo.generate import LocalModel
+    from ernie_dpo.tokens import prompt_ids
 
     lm = LocalModel(model_dir, "cpu")
     return [prompt_ids(lm.tokenizer, p["messages"]) for p in prompts], sorted(lm.stops)
@@ -137,14 +146,16 @@ def peer(python, model_dir, prompt_ids, stops, batch, max_new, forced, threads):
 
 def peak_rss(model_dir, n_prompts, max_new):
     """Peak RSS (GB) of a fresh process answering n_prompts (local inference, batch 8)."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
-            "from benchmarks.generation import bench_prompts; from ernie_dpo.generate import LocalModel; "
-            f"lm = LocalModel({str(model_dir)!r}, 'cpu'); "
-            f"lm.answer(bench_prompts({n_prompts}), 0.7, 0.7, {max_new}, 8, 2025); "
-            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child of a 4 GB benchmark process
-    # would report the parent's 4 GB; VmHWM is this process's own high-water mark
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = Path(tmp) / "prompts.json"
+        prompts.write_text(json.dumps(bench_prompts(n_prompts)))
+        code = ("import json; from ernie_dpo.generate import LocalModel; "
+                f"lm = LocalModel({str(model_dir)!r}, 'cpu'); "
+                f"lm.answer(json.load(open({str(prompts)!r})), 0.7, 0.7, {max_new}, 8, 2025); "
+                "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child of a 4 GB benchmark process
+        # would report the parent's 4 GB; VmHWM is this process's own high-water mark
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(r.stdout.strip().splitlines()[-1]) / 1024 / 1024
 
 
@@ -153,6 +164,8 @@ def main():
     ap.add_argument("--models", nargs="+", default=["tiny", "smol"], choices=["tiny", "smol"])
     ap.add_argument("--peer-python", help="interpreter of a venv with benchmarks/requirements-peer.txt")
     ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--prompts-from", choices=["real", "sample"], default="real")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="8 prompts, 64 new tokens, no memory check")
     ap.add_argument("--memory-only", action="store_true", help="only the peak-RSS check")
@@ -164,7 +177,7 @@ def main():
         args.prompts, args.max_new = 8, 64
     from tabulate import tabulate
 
-    prompts = bench_prompts(args.prompts)
+    prompts = real_prompts(args.prompts) if args.prompts_from == "real" else bench_prompts(args.prompts)
     dirs = {}
     if "tiny" in args.models:
         if not (ROOT / "models/base/config.json").exists():
@@ -182,44 +195,43 @@ def main():
         for forced in (False, True):
             mode = "forced" if forced else "sampling"
             figures = {}
-            for batch in (1, 8):
+            for batch in args.batches:
                 o = ours(d, prompts, batch, args.max_new, forced)
                 figures[("ours", batch)] = o
                 if args.peer_python:
                     figures[("transformers", batch)] = peer(args.peer_python, d, ids, stops, batch, args.max_new,
                                                             forced, o["threads"])
+            best = {}
             for fw in ("ours", "transformers"):
-                if (fw, 1) not in figures:
+                if (fw, args.batches[0]) not in figures:
                     continue
-                f1, f8 = figures[(fw, 1)], figures[(fw, 8)]
-                tps = {b: figures[(fw, b)]["tokens"] / figures[(fw, b)]["seconds"] for b in (1, 8)}
-                rps = {b: figures[(fw, b)]["replies"] / figures[(fw, b)]["seconds"] for b in (1, 8)}
+                tps = {b: figures[(fw, b)]["tokens"] / figures[(fw, b)]["seconds"] for b in args.batches}
+                best[fw] = max(tps.values())
                 fw_name = ("this project (PaddleFormers model, ernie_dpo.decode)" if fw == "ours"
                            else "transformers + torch (generate, left-padded batches)")
-                rows.append([name, fw_name, mode, f"{rps[1]:.3f}", f"{rps[8]:.3f}", f"{rps[8] / rps[1]:.2f}x",
-                             f"{tps[1]:.1f}", f"{tps[8]:.1f}", f"{f1['seconds']:.0f} / {f8['seconds']:.0f}"])
-            if args.peer_python:
-                best_ours = max(figures[("ours", b)]["tokens"] / figures[("ours", b)]["seconds"] for b in (1, 8))
-                best_peer = max(figures[("transformers", b)]["tokens"] / figures[("transformers", b)]["seconds"]
-                                for b in (1, 8))
-                rows.append([name, "ratio: best tokens/s, ours / transformers", mode, "", "", "", "", "",
-                             f"{best_ours / best_peer:.2f}x"])
+                for b in args.batches:
+                    f = figures[(fw, b)]
+                    rows.append([name, fw_name, mode, b, f"{f['replies'] / f['seconds']:.3f}", f"{tps[b]:.1f}",
+                                 f"{f['seconds']:.0f}", f["tokens"]])
+            if len(best) == 2:
+                rows.append([name, "ratio of best new tokens/s, ours / transformers", mode, "", "", "", "",
+                             f"{best['ours'] / best['transformers']:.2f}x"])
     if args.generate_prompts and not args.memory_only:
         sub = prompts[:args.generate_prompts]
         for name, d in dirs.items():
             f = {b: paddleformers_generate(d, sub, b, 64) for b in (1, 8)}
             ours_f = {b: ours(d, sub, b, 64, True) for b in (1, 8)}
             for fw, fig in (("PaddleFormers model.generate (the code before)", f), ("this project, same subset", ours_f)):
-                rps = {b: fig[b]["replies"] / fig[b]["seconds"] for b in (1, 8)}
-                tps = {b: fig[b]["tokens"] / fig[b]["seconds"] for b in (1, 8)}
-                rows.append([name, fw, f"forced, {len(sub)} prompts x 64", f"{rps[1]:.3f}", f"{rps[8]:.3f}",
-                             f"{rps[8] / rps[1]:.2f}x", f"{tps[1]:.1f}", f"{tps[8]:.1f}",
-                             f"{fig[1]['seconds']:.0f} / {fig[8]['seconds']:.0f}"])
+                for b in (1, 8):
+                    rows.append([name, fw, f"forced, {len(sub)} prompts x 64", b,
+                                 f"{fig[b]['replies'] / fig[b]['seconds']:.3f}",
+                                 f"{fig[b]['tokens'] / fig[b]['seconds']:.1f}", f"{fig[b]['seconds']:.0f}",
+                                 fig[b]["tokens"]])
     threads = len(os.sched_getaffinity(0))
     print(f"\nmachine: {platform.machine()}, {threads} cores (both frameworks use {threads} threads), "
           f"Python {platform.python_version()}")
-    print(tabulate(rows, headers=["model", "framework", "mode", "replies/s b1", "replies/s b8", "b8 / b1",
-                                  "new tok/s b1", "new tok/s b8", "seconds b1 / b8"]))
+    print(tabulate(rows, headers=["model", "framework", "mode", "batch", "replies/s", "new tokens/s", "seconds",
+                                  "new tokens"]))
     if not args.quick:
         # tiny: 25 vs 100 prompts x 64 new tokens; smol: 25 vs 100 prompts x 8 new tokens (prefill of every prompt,
         # the memory-hungry part, at a CPU cost that fits a benchmark run)

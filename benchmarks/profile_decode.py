@@ -8,12 +8,10 @@ cache bookkeeping, batch rebuilds) vs tensor conversions.
 import argparse
 import cProfile
 import pstats
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main():
@@ -23,7 +21,11 @@ def main():
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--cache", default=str(ROOT / ".bench_cache"))
     args = ap.parse_args()
-    from benchmarks.generation import bench_prompts, smol_dir
+    from generation import (  # benchmarks/ is this script's own directory
+        bench_prompts,
+        smol_dir,
+    )
+
     from ernie_dpo.generate import LocalModel
 
     lm = LocalModel(smol_dir(args.cache), "cpu")

@@ -38,7 +38,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from importlib.metadata import version
@@ -85,7 +84,8 @@ def training_pairs(params, tokenizer):
     pairs = sample_down(pairs, t["size"], t["seed"])
     if not t["keep_system"]:
         pairs = [{k: v for k, v in r.items() if k != "system"} for r in pairs]
-    kept, _, _ = tokens.fit_pairs(tokenizer, pairs, tr["max_seq_len"], tr["max_prompt_len"], tr["truncate"])
+    kept, _, _ = tokens.fit_pairs(tokenizer, pairs, tr["max_seq_len"], tr["max_prompt_len"], tr["truncate"],
+                                  tr["keep_chosen_end"])
     return kept
 
 

@@ -1,5 +1,13 @@
 """ERNIE DPO recipe as a DVC pipeline: the pure logic the stages and tests share."""
 import os
+import warnings
+
+# Noise the engine's imports print in every stage, which says nothing about the run: Paddle's "No ccache found"
+# (it compiles nothing here), setuptools' distutils notice, and transformers' "PyTorch was not found" advice
+# (PaddleFormers uses transformers for tokenizers only).
+warnings.filterwarnings("ignore", message="No ccache found")
+warnings.filterwarnings("ignore", message="Setuptools is replacing distutils")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def _amd_cpu():

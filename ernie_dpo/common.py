@@ -80,8 +80,7 @@ def write_jsonl(path, records):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     os.replace(tmp, path)
 
 
@@ -93,13 +92,36 @@ def write_json(path, obj):
         f.write("\n")
 
 
+def labels(params):
+    """What every metrics file says it is about: which model and which data produced its numbers."""
+    return {"model": params["model"]["name_or_path"], "data": params["data"]["raw_path"]}
+
+
 def read_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def get_logger(name):
+    """This project's logger for a stage. The engine's own INFO lines (one per weight saved or loaded, in colour) are
+    kept out of a stage's terminal; its warnings and errors still show, and the engine subprocess's whole output
+    goes to its log file (logs/...)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    engine_logger = logging.getLogger("PaddleFormers")
+    if not any(getattr(f, "ernie_dpo", False) for f in engine_logger.filters):
+        quiet = logging.Filter()
+        quiet.filter = lambda record: (record.levelno >= logging.WARNING and  # and not its torch notice, every time
+                                       "compatibility issues between PaddlePaddle and PyTorch" not in record.getMessage())
+        quiet.ernie_dpo = True
+        engine_logger.addFilter(quiet)
     return logging.getLogger(name)
 
 

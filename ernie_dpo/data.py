@@ -1,8 +1,9 @@
-"""The data half of the recipe: ShareGPT DPO -> ERNIE DPO jsonl -> test set and training set.
+"""The data half of the recipe: preference data -> ERNIE DPO jsonl -> test set and training set.
 
 Everything here is pure Python on plain dicts so tests can call it directly.
 
-ShareGPT DPO record (LLaMA-Factory's DPO-En-Zh-20k layout):
+Input: a JSON or JSONL file in one of five layouts (formats.py reads them: sharegpt, trl, alpaca, openai, erniekit).
+ShareGPT DPO record (LLaMA-Factory's DPO-En-Zh-20k layout, the bundled sample's):
     {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...],
      "chosen": {"from": "gpt", "value": str}, "rejected": {"from": "gpt", "value": str},
      "system": str (optional)}
@@ -14,47 +15,24 @@ import hashlib
 import json
 import random
 
+# Reading files and the five input layouts live in formats.py. The errors are defined there (so formats.py needs
+# nothing from this module) and re-exported here, so `from ernie_dpo.data import DataError` keeps working.
+from ernie_dpo.formats import (
+    CONVERTERS,
+    DataError,
+    Invalid,
+    Unreadable,
+    detect_format,
+    load_records,
+)
+
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant", "bot"}
 SYSTEM_ROLES = {"system"}
 
+# ---------------------------------------------------------------- reading and converting
 
-class DataError(ValueError):
-    """The input as a whole is unusable (not JSON, not a list, a record that is not an object)."""
-
-
-class Invalid(Exception):
-    """One record is unusable; `reason` is the short key it is counted under in metrics and rejects."""
-
-    def __init__(self, reason, detail):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-# ---------------------------------------------------------------- reading ShareGPT
-
-
-def load_sharegpt(path):
-    """The raw file as a list of records. Whole-file problems raise DataError naming the file and the reason."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    # Bytes that are not UTF-8 become lone surrogates (surrogateescape) instead of failing the whole file: the
-    # records that contain them are then dropped as "invalid_utf8" and the rest of the file is kept.
-    text = raw.decode("utf-8", errors="surrogateescape")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records, got a JSON {type(data).__name__}")
-    for i, rec in enumerate(data):
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}: record {i} is a JSON {type(rec).__name__}, expected an object")
-    return data
+load_sharegpt = load_records  # the old name: every format is read by the same function now
 
 
 def _text(value, what):
@@ -88,11 +66,15 @@ def _printable(obj):
     return obj
 
 
-def convert_record(rec, max_chars=None):
-    """One ShareGPT DPO record -> (ERNIE DPO record without id). Raises Invalid with a reason key.
+def convert_record(rec, max_chars=None, fmt="sharegpt"):
+    """One raw record in layout `fmt` -> ERNIE DPO record (without id). Raises Invalid with a reason key.
 
     max_chars: a text longer than this (e.g. a 10 MB answer) is dropped as "too_long" rather than fed to training.
     """
+    if isinstance(rec, Unreadable):  # a JSONL line that was no JSON object: dropped with the reason found on reading
+        raise Invalid(rec.reason, rec.detail)
+    if not isinstance(rec, dict):
+        raise Invalid("wrong_type", f"the record is a JSON {type(rec).__name__}, expected an object")
     for text in _strings(rec):
         try:
             text.encode("utf-8")
@@ -100,46 +82,44 @@ def convert_record(rec, max_chars=None):
             raise Invalid("invalid_utf8", f"bytes that are not UTF-8 in a text (position {e.start})") from None
         if max_chars and len(text) > max_chars:
             raise Invalid("too_long", f"a text of {len(text):,} characters exceeds prepare.max_chars={max_chars:,}")
-    for field in ("conversations", "chosen", "rejected"):
-        if field not in rec:
-            raise Invalid("missing_field", f"no '{field}'")
-    convs = rec["conversations"]
-    if not isinstance(convs, list) or not convs:
-        raise Invalid("wrong_type", "'conversations' must be a non-empty list")
+    return to_ernie(CONVERTERS[fmt](rec))
 
-    system = rec.get("system", "")
+
+def to_ernie(dialogue):
+    """A dialogue (formats.py: system, turns, chosen, rejected) -> ERNIE DPO record: the checks every format shares."""
+    system = dialogue["system"]
     if not isinstance(system, str):
         raise Invalid("wrong_type", "'system' must be a string")
     src, tgt = [], []
-    for j, turn in enumerate(convs):
+    for j, (where, turn) in enumerate(dialogue["turns"]):
         if not isinstance(turn, dict):
-            raise Invalid("wrong_type", f"conversations[{j}] is a {type(turn).__name__}, expected an object")
+            raise Invalid("wrong_type", f"{where} is a {type(turn).__name__}, expected an object")
         role = turn.get("from", turn.get("role"))
-        text = _text(turn, f"conversations[{j}]")
+        text = _text(turn, where)
         if role in SYSTEM_ROLES:
             if j != 0:
-                raise Invalid("misplaced_system", f"system turn at position {j}; only the first turn may be system")
+                raise Invalid("misplaced_system", f"system turn at {where}; only the first turn may be system")
             system = text
             continue
         if not text.strip():
-            raise Invalid("empty_turn", f"conversations[{j}] is empty")
+            raise Invalid("empty_turn", f"{where} is empty")
         if role in USER_ROLES:
             if len(src) != len(tgt):
-                raise Invalid("bad_turn_order", f"conversations[{j}]: two user turns in a row")
+                raise Invalid("bad_turn_order", f"{where}: two user turns in a row")
             src.append(text)
         elif role in ASSISTANT_ROLES:
             if len(src) != len(tgt) + 1:
-                raise Invalid("bad_turn_order", f"conversations[{j}]: assistant turn without a user turn before it")
+                raise Invalid("bad_turn_order", f"{where}: assistant turn without a user turn before it")
             tgt.append(text)
         else:
-            raise Invalid("unknown_role", f"conversations[{j}] has role {role!r}")
+            raise Invalid("unknown_role", f"{where} has role {role!r}")
     if not src:
         raise Invalid("no_user_turn", "the conversation has no user turn")
     if len(src) != len(tgt) + 1:
         raise Invalid("last_turn_not_user", "the conversation ends with an assistant turn, so there is nothing to answer")
 
-    chosen = _text(rec["chosen"], "chosen")
-    rejected = _text(rec["rejected"], "rejected")
+    chosen = _text(dialogue["chosen"], "chosen")
+    rejected = _text(dialogue["rejected"], "rejected")
     if not chosen.strip():
         raise Invalid("empty_chosen", "chosen answer is empty or whitespace")
     if not rejected.strip():
@@ -160,28 +140,36 @@ def record_id(ernie_rec):
     return hashlib.sha1(blob).hexdigest()[:12]
 
 
-def prepare_records(raw_records, max_chars=None):
+def prepare_records(raw_records, max_chars=None, fmt="auto"):
     """Convert every record. Returns (kept, rejects, counts): nothing is dropped without a reason.
 
+    fmt: "auto" (detect_format on the first record that is an object) or a name in formats.CONVERTERS; every record
+    is converted with that one format, so a record that does not fit it is dropped as "missing_field"/"wrong_type".
     kept: ERNIE DPO records with "id" first. rejects: {"index", "reason", "detail", "record"}.
-    counts: {"read", "kept", "dropped": {reason: n}} with read == kept + sum(dropped).
+    counts: {"read", "kept", "dropped": {reason: n}, "format"} with read == kept + sum(dropped); "format" is None
+    when no record is an object (nothing to detect it from: every record is a counted drop anyway).
     """
+    if fmt == "auto":
+        fmt = detect_format(raw_records) if any(isinstance(r, dict) for r in raw_records) else None
+    elif fmt not in CONVERTERS:
+        raise DataError(f"data.format must be 'auto' or one of {', '.join(CONVERTERS)}; got {fmt!r}")
     kept, rejects, seen = [], [], set()
     for i, rec in enumerate(raw_records):
         try:
-            out = convert_record(rec, max_chars)
+            out = convert_record(rec, max_chars, fmt)
             rid = record_id(out)
             if rid in seen:
                 raise Invalid("duplicate", f"same content as an earlier record (id {rid})")
         except Invalid as e:
-            rejects.append({"index": i, "reason": e.reason, "detail": e.detail, "record": _printable(rec)})
+            original = rec.record if isinstance(rec, Unreadable) else rec
+            rejects.append({"index": i, "reason": e.reason, "detail": e.detail, "record": _printable(original)})
             continue
         seen.add(rid)
         kept.append({"id": rid, **out})
     dropped = {}
     for r in rejects:
         dropped[r["reason"]] = dropped.get(r["reason"], 0) + 1
-    counts = {"read": len(raw_records), "kept": len(kept), "dropped": dict(sorted(dropped.items()))}
+    counts = {"read": len(raw_records), "kept": len(kept), "dropped": dict(sorted(dropped.items())), "format": fmt}
     assert counts["read"] == counts["kept"] + sum(dropped.values())
     return kept, rejects, counts
 
@@ -286,6 +274,28 @@ def select_pairs(pool, strategy, min_ratio, baseline_mean=None, tolerance=None):
             raise DataError(f"near_baseline needs a positive baseline mean reply length, got {baseline_mean}")
         return [r for r in pool if passes_ratio(r, min_ratio) and near_length(r, baseline_mean, tolerance)]
     raise DataError(f"trainset.strategy must be 'ratio' or 'near_baseline', got {strategy!r}")
+
+
+def split_eval(pairs, eval_pairs, seed):
+    """(training candidates, held-out eval pairs): eval_pairs is a count (>= 1) or a share (< 1) of the filtered
+    pairs, drawn with `seed`. Whole prompts go to one side: records that share a prompt (other answers to the same
+    question) are never split between training and eval. eval_pairs 0: no eval pairs."""
+    if not eval_pairs:
+        return list(pairs), []
+    want = round(eval_pairs * len(pairs)) if eval_pairs < 1 else int(eval_pairs)
+    groups = {}
+    for r in pairs:
+        groups.setdefault(prompt_key(r), []).append(r)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    held = set()
+    for k in keys:
+        if sum(len(groups[h]) for h in held) >= want:
+            break
+        held.add(k)
+    if len(held) == len(keys):
+        raise DataError(f"trainset.eval_pairs={eval_pairs} would hold out all {len(pairs)} passing pairs; lower it")
+    return [r for r in pairs if prompt_key(r) not in held], [r for r in pairs if prompt_key(r) in held]
 
 
 def sample_down(pairs, size, seed):

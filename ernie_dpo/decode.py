@@ -3,19 +3,22 @@
 Why not `model.generate`: on a CPU, PaddleFormers' generate made batch 8 SLOWER per reply than batch 1 (0.45x,
 issue 13). Where the time went, and what this module does instead:
 - padding: a batch was left-padded to its longest prompt and ran until its longest reply ended. Here prompts are
-  taken longest first (deterministic order), a finished reply leaves the batch at once and a waiting prompt takes
-  its slot (prefilled on its own, so no prompt is padded to another's length), and leading columns no row needs
-  are dropped when the batch is rebuilt;
+  taken longest first (deterministic order), a finished reply frees its slot at once and the next prompt is
+  prefilled on its own (no prompt is padded to another's length) and written INTO that slot, right-aligned at the
+  batch's filled length (`admit`): no copy of the batch's cache. The cache is rebuilt (`combine`) only to grow it
+  (by a quarter), to drop leading columns no running row needs (when a third of them are), and at the end;
 - the KV cache grew by concatenation, copying the whole cache at every step of every layer; here K/V live in
-  buffers that grow in chunks and each step writes one column in place (`SlotCache`);
+  buffers and each step writes one column in place (`SlotCache`);
 - attention expanded K/V to every query head (`repeat_kv` copies the cache once per query head per step); here
-  query heads are grouped per KV head instead (`grouped_attention`, same numbers, no copy);
+  query heads are grouped per KV head instead (`grouped_attention`, same numbers, no copy); the mask is expanded to
+  the scores' shape once per forward pass (Paddle's broadcast add is slow on a CPU), and prefill attends in query
+  blocks, each only over the keys before it;
 - the LM head ran over every prompt position in prefill (a 1000-token prompt: 1000 x vocab logits); here it runs on
   the last position only;
 - Paddle uses one CPU thread unless told otherwise; `load_model` sets all cores (engine.use_all_cpu_cores).
-Sampling is the recipe's (top_p, temperature; no top_k), done in numpy per prompt with that prompt's own random
-stream (`prompt_seed`), so a prompt's reply does not depend on which prompts share its batch. What can still
-differ is the float arithmetic of a batch of another shape (tests/test_generate.py measures it).
+Sampling is the recipe's (top_p, temperature; no top_k), done where the logits are (`sample_tokens`), with each
+prompt's own random stream (`prompt_seed`), so a prompt's reply does not depend on which prompts share its batch.
+What can still differ is the float arithmetic of a batch of another shape (tests/test_generate.py measures it).
 """
 import hashlib
 
@@ -110,6 +113,10 @@ def grouped_attention(module, query, key, value, attention_mask=None, dropout=0.
     rep = hq // hkv
     # the scale on the queries (q x d numbers), not on the scores (q x t): 15x less work for a 1000-token prompt
     qs = query * scaling
+    if attention_mask is None and kwargs.get("attn_mask_startend_row_indices") is not None:
+        # training (DPO): the engine passes its mask in sparse form (the rejected answer must not see the chosen
+        # one); made dense once per forward pass, not once per layer as the engine's eager attention does
+        attention_mask = _dense_mask(kwargs["attn_mask_startend_row_indices"], qs.dtype)
     if attention_mask is not None:
         m = attention_mask[:, :, :, :t]
     elif q > 1:
@@ -152,6 +159,17 @@ def _weighted(w, value, dtype):
 
 
 _MASK = {}
+_DENSE = {}
+
+
+def _dense_mask(startend, dtype):
+    """The engine's sparse attention mask (attn_mask_startend_row_indices) as an additive [b, 1, t, t] mask."""
+    from paddleformers.utils.masking_utils import _gen_from_sparse_attn_mask_indices
+
+    if _DENSE.get("source") is not startend:
+        _DENSE.clear()  # (additive already: 0 where allowed, -1e6 where masked)
+        _DENSE.update(source=startend, mask=_gen_from_sparse_attn_mask_indices(startend, dtype, None))
+    return _DENSE["mask"]
 
 
 def _expanded_mask(m, start, end, seen, hkv, rep):

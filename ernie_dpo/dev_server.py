@@ -178,8 +178,8 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(model_dir, host, port, device="cpu", name=None, queue_size=16, read_timeout=30):
-    from .tokens import prompt_ids
     from .generate import LocalModel
+    from .tokens import prompt_ids
 
     lm = LocalModel(model_dir, device)
 

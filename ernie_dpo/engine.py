@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-# Settings that make PaddleFormers run on a CPU (see README, "How the engine runs on a CPU").
+# Settings that make PaddleFormers run on a CPU (docs/engine.md).
 CPU_SETTINGS = {
     "device": "cpu",
     "compute_type": "float32",  # "fp32" is rejected; bf16/fp16 need a GPU
@@ -60,8 +60,8 @@ def check_device(device, devices="0"):
         return
     import paddle
 
-    way_out = ("Install paddlepaddle-gpu for your CUDA (README: 'The real recipe on a GPU'), or run the offline demo "
-               "on this machine: `dvc exp run -S profile=demo` (tiny model, CPU).")
+    way_out = ("Install paddlepaddle-gpu for your CUDA (`make install-gpu CUDA=cu126`, docs/gpu.md), or run the "
+               "offline demo on this machine: `dvc exp run -S profile=demo` (tiny model, CPU).")
     if not paddle.is_compiled_with_cuda():
         raise DeviceError(f"engine.device is 'gpu' (profile cookbook?) but the installed PaddlePaddle "
                           f"{paddle.__version__} is a CPU-only build. {way_out}")
@@ -169,32 +169,6 @@ def check_layout(model_dir, source=""):
                           f"layout), e.g. -S model.name_or_path={pt if pt.startswith('baidu') else 'baidu/ERNIE-4.5-0.3B-PT'}")
 
 
-SANITY_PROMPT = "Hello! Who are you?"
-
-
-def sanity_check(model_dir, device, devices="0"):
-    """Load the model the way inference will and look at it: finite logits for a short prompt, and a greedy reply
-    (up to 16 tokens). Raises when the logits are not finite: a broken conversion or download stops here, not after
-    an hour of inference."""
-    from .generate import LocalModel
-
-    lm = LocalModel(model_dir, device, devices)
-    tests = [{"id": "sanity", "messages": [{"role": "user", "content": SANITY_PROMPT}]}]
-    reply = lm.answer(tests, top_p=1.0, temperature=0.0, max_dec_len=16, batch_size=1, seed=0)["sanity"]
-    import numpy as np
-    import paddle
-
-    from .tokens import prompt_ids
-
-    with paddle.no_grad():
-        out = lm.model(input_ids=paddle.to_tensor([prompt_ids(lm.tokenizer, tests[0]["messages"])]))
-    logits = (out[0] if isinstance(out, tuple) else out.logits).astype("float32").numpy()
-    if not np.isfinite(logits).all():
-        raise RuntimeError(f"{model_dir}: the model's logits are not finite ({int((~np.isfinite(logits)).sum())} "
-                           "values): broken weights or conversion")
-    return {"logits_finite": True, "greedy_reply": reply["reply"], "greedy_tokens": reply["tokens"]}
-
-
 def use_all_cpu_cores():
     """Paddle's CPU kernels use ONE thread unless told otherwise (FLAGS_paddle_num_threads defaults to 1): use every
     core this process may run on. Returns the thread count (recorded in the inference metadata)."""
@@ -279,7 +253,7 @@ def sft_config(model, data_path, out_dir, device, seed, max_seq_len, max_steps, 
     return cfg
 
 
-def dpo_config(model, data_path, out_dir, device, p, e=None):
+def dpo_config(model, data_path, out_dir, device, p, e=None, eval_path=None):
     """DPO with the train.* params `p` (max_steps, warmup_steps, global_batch_size, learning_rate, fine_tuning,
     loss_type, beta, sft_loss_ratio, lora_rank, seed, max_seq_len, max_prompt_len, save_steps) and the engine.* params
     `e` (devices, nnodes, tensor_parallel, sharding_parallel, sharding_stage) for more than one device.
@@ -298,6 +272,14 @@ def dpo_config(model, data_path, out_dir, device, p, e=None):
         "beta": float(p["beta"]),
         "sft_loss_ratio": float(p.get("sft_loss_ratio", 0.0)),  # + ratio x NLL of the chosen answer (0: plain DPO)
     })
+    if eval_path is not None:
+        # the engine's own eval loop on held-out pairs: eval_loss, eval_rewards/{chosen,rejected,accuracies,margins},
+        # eval_logps/* every train.eval_steps steps (0: only after the last step) and at the end
+        # (the engine refuses do_eval without a step strategy: 0 = every max_steps steps, i.e. at the end)
+        steps = int(p.get("eval_steps", 0)) or int(p["max_steps"])
+        cfg.update({"do_eval": True, "eval_dataset_type": "erniekit", "eval_dataset_path": str(eval_path),
+                    "eval_dataset_prob": "1.0", "per_device_eval_batch_size": cfg["per_device_train_batch_size"],
+                    "evaluation_strategy": "steps", "eval_steps": steps})
     if e is not None:
         cfg.update(parallel_settings(device, e["devices"], e["nnodes"], int(p["global_batch_size"]),
                                      int(e["tensor_parallel"]), int(e["sharding_parallel"]), e["sharding_stage"]))
@@ -428,16 +410,19 @@ def launch_command(command, cfg_path, device, devices="0", nnodes=1, env=None):
 
 
 # One logged training step, e.g. "loss: 0.6931, learning_rate: 1e-05, global_step: 3, rewards/chosen: 0.01, ..."
-_STEP = re.compile(r"(?:^|[\s,])(loss|learning_rate|global_step|rewards/\w+|logps/\w+|train_\w+|"
+_STEP = re.compile(r"(?:^|[\s,])(loss|learning_rate|global_step|rewards/\w+|logps/\w+|train_\w+|eval_\w+(?:/\w+)?|"
                    r"interval_tokens_per_second_per_device): ?(-?[0-9.]+(?:e[-+]?\d+)?)")
 
 
 def parse_log_line(line):
-    """A dict of the numbers on a PaddleFormers step line, or None if the line is not a step log."""
-    if "global_step" not in line:
+    """A dict of the numbers on a PaddleFormers step line (training: with global_step and loss) or eval line (with
+    eval_loss; the engine prints no step on it), or None for any other line."""
+    if "global_step" not in line and "eval_loss" not in line:
         return None
     found = {k: float(v) for k, v in _STEP.findall(line)}
-    if "global_step" not in found or ("loss" not in found and "train_loss" not in found):
+    if "eval_loss" in found:
+        return found
+    if "global_step" not in found or not {"loss", "train_loss"} & found.keys():
         return None
     found["global_step"] = int(found["global_step"])
     return found
@@ -465,8 +450,9 @@ def launch_env(env=None):
     return full
 
 
-def run(cmd, log_path, on_step=None, env=None):
-    """Run the engine, tee its output to `log_path`, call on_step(dict) for each logged step. Raises on failure.
+def run(cmd, log_path, on_step=None, env=None, on_line=None):
+    """Run the engine, tee its output to `log_path`, call on_step(dict) for each logged step (training or eval) and
+    on_line(line) for every line. Raises on failure.
 
     Stopping: the engine runs in its own process group. If this process is stopped (Ctrl-C, SIGTERM from `dvc` or a
     scheduler) or anything here fails, the group is ended (stop_group) and then every process that carries this
@@ -486,6 +472,8 @@ def run(cmd, log_path, on_step=None, env=None):
                                     bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
             for line in proc.stdout:
                 log.write(line)
+                if on_line is not None:
+                    on_line(line)
                 step = parse_log_line(line)
                 if step is not None and on_step is not None:
                     on_step(step)
@@ -580,7 +568,8 @@ def _engine_main(argv):
        (it is only for world size > 1). There, and only for that error, the model is used unwrapped: with one
        process there is nothing to distribute.
     4. On a CPU: every core, and the cheaper RMSNorm / rotary kernels (fast_cpu).
-    5. A GPU worker (started by the launcher in a session of its own) dies with the launcher, as the launcher dies
+    5. Reply-length probes while training (length_probe), when the stage wrote their spec beside the YAML.
+    6. A GPU worker (started by the launcher in a session of its own) dies with the launcher, as the launcher dies
        with the stage.
     """
     from ernie_dpo import tokens
@@ -592,6 +581,10 @@ def _engine_main(argv):
         if os.getppid() == 1:  # the launcher is already gone
             sys.exit("engine worker: the launcher that started this worker has exited")
     tokens.install_engine_hooks()
+    if argv[0] == "train":
+        from ernie_dpo import length_probe
+
+        length_probe.install(argv[1])  # when the train stage asked for reply-length probes (a spec beside the YAML)
     _first_load_ignores_checkpoint_format()
     if int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) == 1:
         _unwrapped_when_fleet_is_not_initialised()
@@ -599,7 +592,8 @@ def _engine_main(argv):
         from ernie_dpo import fast_cpu
 
         use_all_cpu_cores()
-        fast_cpu.install()
+        if os.environ.get("ERNIE_DPO_FAST_CPU", "1") != "0":  # 0: the engine's own layers (tests, benchmarks)
+            fast_cpu.install()
     from paddleformers.cli.launcher import launch
 
     sys.argv = ["launcher"] + argv

@@ -1,4 +1,4 @@
-"""Cheaper CPU versions of two PaddleFormers layers, for training (engine process) and local inference alike.
+"""Cheaper CPU versions of PaddleFormers layers, for training (engine process) and local inference alike.
 
 Measured with Paddle's op profiler on a CPU (SmolLM2-135M, PaddlePaddle 3.3.1; docs/benchmarks.md):
 - RMSNorm: the engine's unfused RMSNorm (the fused kernel is GPU-only) squares with `pow(2)`, whose CPU kernel took
@@ -8,8 +8,14 @@ Measured with Paddle's op profiler on a CPU (SmolLM2-135M, PaddlePaddle 3.3.1; d
   that permutation matrix, built by applying the model's own rotate_half to the identity: any layout, the same
   numbers (each output is one input times +-1).
 
+- Attention: the engine's eager attention repeats K/V for every query head, rebuilds the DPO mask from its sparse
+  form in every layer, adds it with a broadcast (slow in Paddle's CPU kernel) and attends over every key, masked or
+  not: a SmolLM2 forward pass over 4 x 768 tokens took 20-25 s. decode.grouped_attention (the inference attention)
+  does none of that -- grouped query heads, the mask made dense once per forward pass and expanded once, query
+  blocks that skip the keys after them -- with the same numbers; it replaces "eager" in this process.
+
 install() patches the classes in this process; call it before the model runs (on a CPU only: on a GPU the fused
-kernels are used). tests/test_fast_cpu.py checks the numbers against the engine's own layers.
+kernels are used). tests/test_engine.py checks that a 10-step DPO run gives the engine's own losses.
 """
 import paddle
 
@@ -44,15 +50,21 @@ _original = {}
 
 
 def install():
-    """Patch RMSNorm and the rotary embedding of the Llama and ERNIE 4.5 modeling code, once per process."""
+    """Patch RMSNorm, eager attention and the rotary embedding of the Llama and ERNIE 4.5 modeling code, once per
+    process."""
     if _original:
         return
     from paddleformers.nn import norm
+    from paddleformers.nn.attention.interface import AttentionInterface
     from paddleformers.transformers.ernie4_5 import modeling as ernie
     from paddleformers.transformers.llama import modeling as llama
 
+    from .decode import grouped_attention
+
     _original["rms_norm"] = norm.RMSNorm.forward
     norm.RMSNorm.forward = rms_norm_forward
+    _original["eager"] = AttentionInterface._global_mapping["eager"]
+    AttentionInterface._global_mapping["eager"] = grouped_attention
     for module in (llama, ernie):  # apply_rotary_pos_emb looks rotate_half up in its module at each call
         _original[module.__name__] = module.rotate_half
         module.rotate_half = matmul_rotate_half(module.rotate_half)

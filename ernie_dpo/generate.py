@@ -9,21 +9,17 @@ Every prompt is sampled with its own seed (decode.prompt_seed(infer.seed, id)), 
 batch it ran in. Each reply is appended to the progress file (flushed, fsynced) the moment it is finished; a rerun
 after an interruption skips the prompts already there and writes what an uninterrupted run would have.
 """
-import json
 import os
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .common import append_progress, get_logger, read_progress, reply_record
 from . import decode, engine, fast_cpu, tokens
+from .common import append_progress, get_logger, read_progress, reply_record
+from .tokens import StopTokenError, stop_tokens  # noqa: F401  (StopTokenError: part of this module's API)
 
 log = get_logger("generate")
-
-
-class StopTokenError(ValueError):
-    pass
 
 
 def load_model(model_dir, device, devices="0"):
@@ -41,29 +37,6 @@ def load_model(model_dir, device, devices="0"):
     model.eval()
     decode.use_grouped_attention(model)
     return model, tokenizer, threads
-
-
-def stop_tokens(tokenizer, model_dir, extra=()):
-    """{token id: token} that end a reply: the tokenizer's eos, the model's generation_config eos_token_id(s), the
-    chat template's end of turn, and `extra` (infer.stop_tokens). An extra token the tokenizer does not know as ONE
-    token is an error, never silently dropped."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    gen = Path(model_dir) / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    end = tokens.template_turn_end(tokenizer)  # e.g. <|im_end|> "\n": its first token, if special, ends a reply
-    if end and end[0] in tokens.special_ids(tokenizer):
-        ids.add(end[0])
-    for tok in extra:
-        found = tokenizer(tok, add_special_tokens=False)["input_ids"]
-        if len(found) != 1 or found[0] == tokenizer.unk_token_id:
-            raise StopTokenError(f"infer.stop_tokens: {tok!r} is not one token of this model's tokenizer "
-                                 f"(it encodes to {found}); remove it or use the model's own end-of-turn token")
-        ids.add(found[0])
-    return {i: tokenizer.convert_ids_to_tokens(i) for i in sorted(ids)}
 
 
 class LocalModel:
@@ -100,6 +73,28 @@ class LocalModel:
                         batch_size, self.pad_id, self.max_len,
                         on_done, prefill_batch=1 if self.device == "cpu" else batch_size)
         return out
+
+
+SANITY_PROMPT = "Hello! Who are you?"
+
+
+def sanity_check(model_dir, device, devices="0"):
+    """Load the model the way inference will and look at it: finite logits for a short prompt, and a greedy reply
+    (up to 16 tokens). Raises when the logits are not finite: a broken conversion or download stops here, not after
+    an hour of inference."""
+    lm = LocalModel(model_dir, device, devices)
+    tests = [{"id": "sanity", "messages": [{"role": "user", "content": SANITY_PROMPT}]}]
+    reply = lm.answer(tests, top_p=1.0, temperature=0.0, max_dec_len=16, batch_size=1, seed=0)["sanity"]
+    import numpy as np
+    import paddle
+
+    with paddle.no_grad():
+        out = lm.model(input_ids=paddle.to_tensor([tokens.prompt_ids(lm.tokenizer, tests[0]["messages"])]))
+    logits = (out[0] if isinstance(out, tuple) else out.logits).astype("float32").numpy()
+    if not np.isfinite(logits).all():
+        raise RuntimeError(f"{model_dir}: the model's logits are not finite ({int((~np.isfinite(logits)).sum())} "
+                           "values): broken weights or conversion")
+    return {"logits_finite": True, "greedy_reply": reply["reply"], "greedy_tokens": reply["tokens"]}
 
 
 def generate_all(tests, out_path, model_dir, top_p, temperature, max_dec_len, batch_size, seed, device, devices="0",

@@ -19,7 +19,7 @@ import importlib.metadata
 import json
 from pathlib import Path
 
-from .fetch import sha256_of
+from .common import sha256_of
 
 # name -> where the GGUF file is and what it must hash to
 SOURCES = {
@@ -105,7 +105,14 @@ def read_weights(reader, n_head, n_head_kv, permuted=True):
 
 def write_tokenizer(reader, out_dir, max_len):
     """tokenizer.json (byte-level BPE: digits split one by one, then the GPT-2 pattern) + tokenizer_config.json."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
 
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
         raise SourceError(f"only byte-level BPE ('gpt2') GGUF tokenizers are supported, got "
@@ -156,7 +163,7 @@ def convert_file(gguf_path, out_dir, permuted=True):
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise SourceError(f"{gguf_path}: architecture {arch!r}; only 'llama' GGUF files are converted")
-    g = lambda k: _field(reader, f"llama.{k}")  # noqa: E731
+    g = lambda k: _field(reader, f"llama.{k}")
     n_head, n_head_kv, hidden = int(g("attention.head_count")), int(g("attention.head_count_kv")), int(g("embedding_length"))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,10 @@
 DPO for shorter answers should change the form of the answers, not what the model knows or whether it follows
 instructions. data/probes/probes.jsonl (hand-written, git-tracked) holds one probe per line:
 
-    {"id": "memory-1", "kind": "memory", "messages": [OpenAI chat messages, last one from the user],
+    {"id": "name_recall-1", "kind": "name_recall", "messages": [OpenAI chat messages, last one from the user],
      "check": {"contains_any": ["Sponge"]}}
 
-Kinds: memory (a name given earlier in the conversation, the recipe's "Sponge" example), fact, arithmetic, format
+Kinds: name_recall (a name given earlier in the conversation, the recipe's "Sponge" example), fact, arithmetic, format
 (answer in one word, only a number, capitals, one item per line, ...). A check passes when ALL its conditions hold:
     contains_any: [..]   the reply contains at least one of these strings (case-insensitive unless case_sensitive)
     regex: ".."          re.search finds the pattern in the reply

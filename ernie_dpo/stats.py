@@ -3,7 +3,7 @@ import numpy as np
 
 
 def describe(lengths, prefix):
-    """count / mean / median / p90 / min / max of a list of lengths, keys prefixed (e.g. 'chosen_len_')."""
+    """count / mean / median / p90 / min / max of a list of lengths, keys prefixed (e.g. 'chosen_chars_')."""
     a = np.asarray(lengths, dtype=float)
     if a.size == 0:
         raise ValueError(f"no values to describe for {prefix!r}")
@@ -40,11 +40,11 @@ def reply_metrics(replies, max_dec_len):
     chars = [len(r["reply"]) for r in replies]
     tokens = [r["tokens"] for r in replies if r["tokens"] is not None]  # None: a server sent no usage
     out = {}
-    out.update({k.replace("len_count", "replies"): v for k, v in describe(chars, "len_").items()})
+    out.update({k.replace("chars_count", "replies"): v for k, v in describe(chars, "chars_").items()})
     t = describe(tokens, "tokens_") if tokens else {}
     out.update({k: t.get(k) for k in ("tokens_mean", "tokens_median", "tokens_p90")})
     out["tokens_unknown"] = len(replies) - len(tokens)
-    out["cut_at_max_share"] = round(sum(r["finish_reason"] == "length" for r in replies) / len(replies), 4)
+    out["cut_at_max_dec_len_share"] = round(sum(r["finish_reason"] == "length" for r in replies) / len(replies), 4)
     out["empty_share"] = round(sum(not r["reply"].strip() for r in replies) / len(replies), 4)
     out["max_dec_len"] = int(max_dec_len)
     return out

@@ -16,19 +16,25 @@ How PaddleFormers' DPO dataset (datasets/DPODataset.py) encodes a pair, and what
    counted (encode_pair); with `truncate` a long pair is cut instead of dropped, as TRL does: earlier turns first,
    then the prompt from the left (its end, the question and the generation prompt, is kept), then the answers from
    the right, the longer one first. A cut answer loses its end-of-turn token: the model is not taught that an answer
-   ends where the cut is.
+   ends where the cut is. With `keep_chosen_end` (the default) the chosen answer is never cut: a pair whose chosen
+   answer does not fit whole is dropped (chosen_cut) and only the rejected answer is cut. Cut chosen answers taught
+   SmolLM2 to keep talking: on the real file at max_seq_len 512, 47 of 98 chosen answers lost their end of turn and
+   the held-out reply median went 206 -> 602 chars in 20 steps (docs/smol.md).
 
 The train stage writes each pair's ids into the pairs file (`token_ids`), and the engine process uses them as they
 are (install_engine_hooks): the engine trains on exactly the ids counted here, on a CPU and on every GPU worker.
 """
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .data import to_messages
 
 FITS, HISTORY_TRUNCATED, TRUNCATED = "fits", "history_truncated", "truncated"
 TOO_LONG, PROMPT_TOO_LONG, IDENTICAL = "too_long", "prompt_too_long", "identical_after_truncation"
+CHOSEN_CUT = "chosen_cut"
 TRAINED = (FITS, HISTORY_TRUNCATED, TRUNCATED)
-STATUSES = TRAINED + (TOO_LONG, PROMPT_TOO_LONG, IDENTICAL)
+STATUSES = TRAINED + (TOO_LONG, PROMPT_TOO_LONG, IDENTICAL, CHOSEN_CUT)
 
 
 def use_cumulative_chat_encoding():
@@ -73,6 +79,33 @@ def answer_suffix(tokenizer):
     return [] if set(template_turn_end(tokenizer)) & special_ids(tokenizer) else [tokenizer.eos_token_id]
 
 
+class StopTokenError(ValueError):
+    pass
+
+
+def stop_tokens(tokenizer, model_dir, extra=()):
+    """{token id: token} that end a reply: the tokenizer's eos, the model's generation_config eos_token_id(s), the
+    chat template's end of turn, and `extra` (infer.stop_tokens). An extra token the tokenizer does not know as ONE
+    token is an error, never silently dropped."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    end = template_turn_end(tokenizer)  # e.g. <|im_end|> "\n": its first token, if special, ends a reply
+    if end and end[0] in special_ids(tokenizer):
+        ids.add(end[0])
+    for tok in extra:
+        found = tokenizer(tok, add_special_tokens=False)["input_ids"]
+        if len(found) != 1 or found[0] == tokenizer.unk_token_id:
+            raise StopTokenError(f"infer.stop_tokens: {tok!r} is not one token of this model's tokenizer "
+                                 f"(it encodes to {found}); remove it or use the model's own end-of-turn token")
+        ids.add(found[0])
+    return {i: tokenizer.convert_ids_to_tokens(i) for i in sorted(ids)}
+
+
 @dataclass
 class Pair:
     """One pair as the engine trains on it: status, the ids, and what was cut to fit (tokens)."""
@@ -95,7 +128,8 @@ def _cap(a, b, budget):
     return budget - short if 2 * short <= budget else budget // 2
 
 
-def encode_pair(tokenizer, messages, chosen, rejected, max_seq_len, max_prompt_len, truncate=False, suffix=None):
+def encode_pair(tokenizer, messages, chosen, rejected, max_seq_len, max_prompt_len, truncate=False, suffix=None,
+                keep_chosen_end=False):
     """The engine's ids for one pair (messages: the conversation up to the last user turn, OpenAI format).
 
     The engine packs prompt + chosen + rejected into ONE sequence of at most max_seq_len tokens.
@@ -105,6 +139,8 @@ def encode_pair(tokenizer, messages, chosen, rejected, max_seq_len, max_prompt_l
     truncate=True: earlier turns are kept newest first while the prompt fits max_prompt_len and the whole fits
     max_seq_len; a last turn longer than max_prompt_len keeps its last max_prompt_len tokens; answers are cut from
     the right to what is left (truncated). Answers cut to the same ids carry no preference: dropped (identical).
+    keep_chosen_end (with truncate): the chosen answer keeps every token, the rejected one gets what is left; a pair
+    whose chosen answer does not fit whole is dropped (chosen_cut).
     suffix: answer_suffix(tokenizer), computed once by callers that encode many pairs.
     """
     suffix = answer_suffix(tokenizer) if suffix is None else suffix
@@ -129,9 +165,15 @@ def encode_pair(tokenizer, messages, chosen, rejected, max_seq_len, max_prompt_l
         return Pair(status, prompt, answers[0], answers[1], {"prompt": dropped_history, "chosen": 0, "rejected": 0})
     cut = {"prompt": dropped_history + max(0, len(prompt) - max_prompt_len)}
     prompt = prompt[-max_prompt_len:]
-    cap = _cap(len(answers[0]), len(answers[1]), max_seq_len - len(prompt))
-    cut["chosen"], cut["rejected"] = max(0, len(answers[0]) - cap), max(0, len(answers[1]) - cap)
-    chosen_ids, rejected_ids = answers[0][:cap], answers[1][:cap]
+    budget = max_seq_len - len(prompt)
+    if keep_chosen_end:
+        if len(answers[0]) >= budget:  # the rejected answer needs at least one token too
+            return Pair(CHOSEN_CUT, cut=cut)
+        caps = (len(answers[0]), budget - len(answers[0]))
+    else:
+        caps = (_cap(len(answers[0]), len(answers[1]), budget),) * 2
+    cut["chosen"], cut["rejected"] = max(0, len(answers[0]) - caps[0]), max(0, len(answers[1]) - caps[1])
+    chosen_ids, rejected_ids = answers[0][:caps[0]], answers[1][:caps[1]]
     if cut["prompt"] > dropped_history or cut["chosen"] or cut["rejected"]:
         status = TRUNCATED
     if chosen_ids == rejected_ids:
@@ -139,7 +181,7 @@ def encode_pair(tokenizer, messages, chosen, rejected, max_seq_len, max_prompt_l
     return Pair(status, prompt, chosen_ids, rejected_ids, cut)
 
 
-def fit_pairs(tokenizer, records, max_seq_len, max_prompt_len, truncate=False):
+def fit_pairs(tokenizer, records, max_seq_len, max_prompt_len, truncate=False, keep_chosen_end=False):
     """Every training record encoded: (records the engine will train on, each with its `token_ids`; counts by
     status; summary of what was cut). Nothing is dropped uncounted."""
     from tqdm import tqdm
@@ -152,7 +194,7 @@ def fit_pairs(tokenizer, records, max_seq_len, max_prompt_len, truncate=False):
     for rec in tqdm(records, desc="encoding pairs (tokens)", unit="pair"):
         # the engine's erniekit reader puts the system prompt first when the record has one
         pair = encode_pair(tokenizer, to_messages(rec, keep_system=True), rec["response"][0][0],
-                           rec["response"][1][0], max_seq_len, max_prompt_len, truncate, suffix)
+                           rec["response"][1][0], max_seq_len, max_prompt_len, truncate, suffix, keep_chosen_end)
         counts[pair.status] += 1
         if pair.status not in TRAINED:
             continue
@@ -196,6 +238,6 @@ def install_engine_hooks():
     original = getattr(BaseDPODataSet, name)
     if getattr(original, "_ernie_dpo", False):
         return
-    hook = lambda self, example: _pair_from_ids(self, example, original)  # noqa: E731
+    hook = lambda self, example: _pair_from_ids(self, example, original)
     hook._ernie_dpo = True
     setattr(BaseDPODataSet, name, hook)

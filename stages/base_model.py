@@ -12,7 +12,7 @@ model.name_or_path picks where the model comes from:
 Whatever the source: a checkpoint in PaddlePaddle's own layout (the `-Paddle` repositories), which PaddleFormers 1.2
 cannot load, is refused with the name of the `-PT` repository to use; the directory is made loadable on
 engine.device (engine.prepare_model_dir: on a CPU every model needs `fuse_rms_norm: false`); and the model is loaded
-and checked (finite logits, a short greedy reply: engine.sanity_check). metrics/base_model.json says what was changed
+and checked (finite logits, a short greedy reply: generate.sanity_check). metrics/base_model.json says what was changed
 and what the check saw.
 """
 import shutil
@@ -22,8 +22,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ernie_dpo import engine, gguf_model, tiny
-from ernie_dpo.common import get_logger, load_params, read_jsonl, stage_parser, write_json, write_jsonl
+from ernie_dpo import engine, generate, gguf_model, tiny
+from ernie_dpo.common import (
+    get_logger,
+    load_params,
+    read_jsonl,
+    stage_parser,
+    write_json,
+    write_jsonl,
+)
 from ernie_dpo.data import DataError, pool_outside
 
 log = get_logger("base_model")
@@ -132,13 +139,13 @@ def main():
     if info["config_changes"]:
         log.info("made %s loadable on %s: %s", OUT, device, info["config_changes"])
     try:
-        info["sanity"] = engine.sanity_check(OUT, device, params["engine"]["devices"])
+        info["sanity"] = generate.sanity_check(OUT, device, params["engine"]["devices"])
     except RuntimeError as e:
         sys.exit(f"base_model: {e}")
-    log.info("loaded and checked: logits finite, greedy reply to %r: %r", engine.SANITY_PROMPT,
+    log.info("loaded and checked: logits finite, greedy reply to %r: %r", generate.SANITY_PROMPT,
              info["sanity"]["greedy_reply"])
     info["seconds"] = round(time.time() - start, 1)
-    write_json("metrics/base_model.json", {"base_model": info})
+    write_json("metrics/base_model.json", {"base_model": {"model": name, **info}})
     log.info("base model ready in %s (%.0f s)", OUT, info["seconds"])
 
 

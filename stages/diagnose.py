@@ -13,12 +13,19 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import matplotlib.pyplot as plt
 
-from ernie_dpo import diagnose, tokens  # noqa: E402
-from ernie_dpo.common import get_logger, load_params, read_jsonl, stage_parser, write_json  # noqa: E402
-from ernie_dpo.data import to_messages  # noqa: E402
-from ernie_dpo.generate import LocalModel  # noqa: E402
+from ernie_dpo import diagnose, tokens
+from ernie_dpo.common import (
+    get_logger,
+    labels,
+    load_params,
+    read_jsonl,
+    stage_parser,
+    write_json,
+)
+from ernie_dpo.data import to_messages
+from ernie_dpo.generate import LocalModel
 
 log = get_logger("diagnose")
 
@@ -37,7 +44,8 @@ def main():
     scored, rejected_chars = [], []
     for k, r in enumerate(pairs):
         pair = tokens.encode_pair(lm.tokenizer, to_messages(r, keep_system=True), r["response"][0][0],
-                                  r["response"][1][0], t["max_seq_len"], t["max_prompt_len"], t["truncate"], suffix)
+                                  r["response"][1][0], t["max_seq_len"], t["max_prompt_len"], t["truncate"], suffix,
+                                  t["keep_chosen_end"])
         if pair.status not in tokens.TRAINED:
             continue  # the train stage drops it too (and counts it)
         (cs, cn), (rs, rn) = (diagnose.answer_logps(lm.model, pair.prompt, ids) for ids in (pair.chosen, pair.rejected))
@@ -47,14 +55,15 @@ def main():
             log.info("scored %d of %d pairs", k + 1, len(pairs))
     own = []
     for rep in replies:
-        prompt = tokens.prompt_ids(lm.tokenizer, rep["messages"][:-1])
+        # the prompt as training would see it at most (its last max_prompt_len tokens): long prompts cost quadratically
+        prompt = tokens.prompt_ids(lm.tokenizer, rep["messages"][:-1])[-t["max_prompt_len"]:]
         answer = lm.tokenizer(rep["reply"], add_special_tokens=False)["input_ids"]
         s, n = diagnose.answer_logps(lm.model, prompt, answer)
         own.append(s / n)
     if not scored or not own:
         raise SystemExit("diagnose: nothing to score (no trainable pair or no baseline reply)")
     metrics, warnings, margin = diagnose.summarize(scored, own, rejected_chars, [len(r["reply"]) for r in replies])
-    metrics = {"model": params["model"]["name_or_path"], "data": params["data"]["raw_path"], **metrics,
+    metrics = {**labels(params), **metrics,
                "warnings": warnings}
     write_json("metrics/pairs.json", {"pairs": metrics})
     for w in warnings:

@@ -13,7 +13,14 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from ernie_dpo.common import get_logger, load_params, read_jsonl, stage_parser, write_json
+from ernie_dpo.common import (
+    get_logger,
+    labels,
+    load_params,
+    read_jsonl,
+    stage_parser,
+    write_json,
+)
 from ernie_dpo.stats import bootstrap_delta, reply_metrics
 
 log = get_logger("evaluate")
@@ -43,10 +50,11 @@ def main():
     e, max_dec_len = params["evaluate"], params["infer"]["max_dec_len"]
     replies = read_jsonl(args.replies)
     # "model" labels every number: the demo's come from the tiny model, never from ERNIE-4.5-0.3B
-    out = {args.name: {"model": params["model"]["name_or_path"], **reply_metrics(replies, max_dec_len)}}
+    out = {args.name: {**labels(params), **reply_metrics(replies, max_dec_len)}}
     m = out[args.name]
     log.info("%s: %d replies, mean %.1f / median %.1f chars, %.0f%% cut at max_dec_len=%d, %.0f%% empty", args.name,
-             m["replies"], m["len_mean"], m["len_median"], 100 * m["cut_at_max_share"], max_dec_len, 100 * m["empty_share"])
+             m["replies"], m["chars_mean"], m["chars_median"], 100 * m["cut_at_max_dec_len_share"], max_dec_len,
+             100 * m["empty_share"])
     if args.baseline:
         base = read_jsonl(args.baseline)
         if [r["id"] for r in base] != [r["id"] for r in replies]:
@@ -56,9 +64,9 @@ def main():
         delta = {}
         for stat in ("mean", "median"):
             d, lo, hi = bootstrap_delta(b_len, t_len, stat, e["bootstrap_samples"], e["seed"])
-            delta[f"len_{stat}"] = round(d, 2)
-            delta[f"len_{stat}_ci_low"] = round(lo, 2)
-            delta[f"len_{stat}_ci_high"] = round(hi, 2)
+            delta[f"chars_{stat}"] = round(d, 2)
+            delta[f"chars_{stat}_ci_low"] = round(lo, 2)
+            delta[f"chars_{stat}_ci_high"] = round(hi, 2)
             log.info("tuned - baseline %s reply length: %+.1f chars, 95%% bootstrap CI [%+.1f, %+.1f]", stat, d, lo, hi)
         out["delta"] = delta
         Path("metrics/plots").mkdir(parents=True, exist_ok=True)

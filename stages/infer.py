@@ -14,8 +14,17 @@ sampling settings with top_k off, stop tokens, replies/s, new tokens/s) to metri
 import sys
 from pathlib import Path
 
-from ernie_dpo.common import fingerprint, get_logger, load_params, read_jsonl, stage_parser, write_json, write_jsonl
 from ernie_dpo import engine
+from ernie_dpo.common import (
+    fingerprint,
+    get_logger,
+    labels,
+    load_params,
+    read_jsonl,
+    stage_parser,
+    write_json,
+    write_jsonl,
+)
 from ernie_dpo.generate import answer_all
 from ernie_dpo.openai_client import ServedError
 
@@ -47,7 +56,7 @@ def main():
     except ServedError as e:
         sys.exit(f"infer: {e}")
     write_jsonl(args.out, records)
-    write_json(f"metrics/infer_{role}.json", {f"infer_{role}": {"model": params["model"]["name_or_path"], **run_info}})
+    write_json(f"metrics/infer_{role}.json", {f"infer_{role}": {**labels(params), **run_info}})
     cut = sum(r["finish_reason"] == "length" for r in records)
     log.info("wrote %s: %d replies, mean %.1f chars, %d cut at max_dec_len", args.out, len(records),
              sum(len(r["reply"]) for r in records) / len(records), cut)

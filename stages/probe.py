@@ -10,8 +10,17 @@ infer.backend applies here too.
 import sys
 from pathlib import Path
 
-from ernie_dpo.common import fingerprint, get_logger, load_params, read_json, stage_parser, write_json, write_jsonl
 from ernie_dpo import engine
+from ernie_dpo.common import (
+    fingerprint,
+    get_logger,
+    labels,
+    load_params,
+    read_json,
+    stage_parser,
+    write_json,
+    write_jsonl,
+)
 from ernie_dpo.generate import answer_all
 from ernie_dpo.openai_client import ServedError
 from ernie_dpo.probes import ProbeError, expand, load_probes, retention, score
@@ -41,7 +50,7 @@ def main():
     except ServedError as e:
         sys.exit(f"probe: {e}")
     metrics, rows = score(probes, replies)
-    metrics = {"model": params["model"]["name_or_path"], **metrics}
+    metrics = {**labels(params), **metrics}
     if args.name == "tuned":
         base = read_json("metrics/probes_baseline.json")["probes_baseline"]
         metrics["retention"] = retention(base["pass_rate"], metrics["pass_rate"])

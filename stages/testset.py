@@ -1,7 +1,14 @@
 """testset: a fixed sample of prompts (seeded) in OpenAI message format, for baseline and tuned inference."""
 import sys
 
-from ernie_dpo.common import get_logger, load_params, read_jsonl, stage_parser, write_json, write_jsonl
+from ernie_dpo.common import (
+    get_logger,
+    load_params,
+    read_jsonl,
+    stage_parser,
+    write_json,
+    write_jsonl,
+)
 from ernie_dpo.data import DataError, make_testset
 
 log = get_logger("testset")
@@ -9,7 +16,8 @@ log = get_logger("testset")
 
 def main():
     stage_parser(__file__, __doc__).parse_args()
-    p = load_params()["testset"]
+    params = load_params()
+    p = params["testset"]
     records = read_jsonl("data/prepared/dpo.jsonl")
     try:
         test = make_testset(records, p["size"], p["seed"], p["keep_system"])
@@ -18,7 +26,8 @@ def main():
     write_jsonl("data/testset/testset.jsonl", test)
     n_multi = sum(sum(m["role"] == "user" for m in t["messages"]) > 1 for t in test)
     n_sys = sum(t["messages"][0]["role"] == "system" for t in test)
-    write_json("metrics/testset.json", {"testset": {"prompts": len(test), "multi_turn_prompts": n_multi,
+    write_json("metrics/testset.json", {"testset": {"data": params["data"]["raw_path"], "prompts": len(test),
+                                                    "multi_turn_prompts": n_multi,
                                                     "prompts_with_system": n_sys}})
     log.info("sampled %d of %d records (seed %d, keep_system=%s): %d multi-turn, %d with a system prompt",
              len(test), len(records), p["seed"], p["keep_system"], n_multi, n_sys)

@@ -1,16 +1,36 @@
-"""trainset: DPO training pairs from the records NOT in the test set, filtered by the recipe's length rules."""
+"""trainset: DPO training pairs from the records NOT in the test set, filtered by the recipe's length rules, and
+held-out eval pairs (trainset.eval_pairs) set aside from the same filtered pool: never a test prompt, never a
+training prompt (asserted). The engine evaluates them during training (train.eval_steps); their prompts are also the
+length probes' (train.length_probe_steps)."""
 import sys
 
-from ernie_dpo.common import get_logger, load_params, read_json, read_jsonl, stage_parser, write_json, write_jsonl
-from ernie_dpo.data import (DataError, chosen_text, pool_outside, prompt_key, rejected_text,
-                            sample_down, select_pairs)
+from ernie_dpo.common import (
+    get_logger,
+    load_params,
+    read_json,
+    read_jsonl,
+    stage_parser,
+    write_json,
+    write_jsonl,
+)
+from ernie_dpo.data import (
+    DataError,
+    chosen_text,
+    pool_outside,
+    prompt_key,
+    rejected_text,
+    sample_down,
+    select_pairs,
+    split_eval,
+)
 
 log = get_logger("trainset")
 
 
 def main():
     stage_parser(__file__, __doc__).parse_args()
-    p = load_params()["trainset"]
+    params = load_params()
+    p = params["trainset"]
     records = read_jsonl("data/prepared/dpo.jsonl")
     test = read_jsonl("data/testset/testset.jsonl")
     try:
@@ -20,18 +40,22 @@ def main():
 
     baseline_mean = None
     if p["strategy"] == "near_baseline":
-        baseline_mean = read_json("metrics/baseline.json")["baseline"]["len_mean"]
+        baseline_mean = read_json("metrics/baseline.json")["baseline"]["chars_mean"]
         log.info("near_baseline: reference = baseline mean reply length %.1f chars (metrics/baseline.json)", baseline_mean)
     try:
         pairs = select_pairs(pool, p["strategy"], p["min_ratio"], baseline_mean, p["baseline_tolerance"])
         passed = len(pairs)
+        pairs, held_out = split_eval(pairs, p["eval_pairs"], p["seed"])
         pairs = sample_down(pairs, p["size"], p["seed"])
     except DataError as e:
         sys.exit(f"trainset: {e}")
 
-    # The recipe's second defect was a training pool that overlapped the test prompts: make that impossible.
-    overlap = sum(r["id"] in test_ids or prompt_key(r) in test_keys for r in pairs)
-    assert overlap == 0, f"{overlap} training pairs share a prompt with the test set"
+    # The recipe's second defect was a training pool that overlapped the test prompts: make that impossible, and the
+    # same between training and held-out eval pairs.
+    overlap = sum(r["id"] in test_ids or prompt_key(r) in test_keys for r in pairs + held_out)
+    assert overlap == 0, f"{overlap} training or eval pairs share a prompt with the test set"
+    train_keys = {prompt_key(r) for r in pairs}
+    assert not any(prompt_key(r) in train_keys for r in held_out), "an eval pair shares a prompt with training"
     if not pairs:
         sys.exit("trainset: no pair passes the filter; loosen trainset.min_ratio / baseline_tolerance")
 
@@ -40,24 +64,29 @@ def main():
     with_system = sum(bool(r.get("system")) for r in pairs)
     if not p["keep_system"]:
         pairs = [{k: v for k, v in r.items() if k != "system"} for r in pairs]
+        held_out = [{k: v for k, v in r.items() if k != "system"} for r in held_out]
     write_jsonl("data/trainset/train.jsonl", pairs)
+    write_jsonl("data/trainset/eval.jsonl", held_out)
     chosen = [len(chosen_text(r)) for r in pairs]
     rejected = [len(rejected_text(r)) for r in pairs]
     metrics = {
+        "data": params["data"]["raw_path"],
         "pool_pairs": len(pool),
         "excluded_as_test_prompt": len(records) - len(pool),
         "pairs_passing_filter": passed,
         "pairs": len(pairs),
-        "chosen_len_mean": round(sum(chosen) / len(chosen), 2),
-        "rejected_len_mean": round(sum(rejected) / len(rejected), 2),
+        "eval_pairs_held_out": len(held_out),
+        "chosen_chars_mean": round(sum(chosen) / len(chosen), 2),
+        "rejected_chars_mean": round(sum(rejected) / len(rejected), 2),
         "test_overlap": overlap,
         "system_prompts_dropped": 0 if p["keep_system"] else with_system,
     }
     write_json("metrics/trainset.json", {"trainset": metrics})
-    log.info("strategy %s: %d records minus %d sharing a test prompt = pool %d; %d pass the filter; kept %d "
-             "(mean chosen %.1f chars, rejected %.1f chars); overlap with test set: %d; system prompts dropped: %d",
-             p["strategy"], len(records), metrics["excluded_as_test_prompt"], len(pool), passed, len(pairs),
-             metrics["chosen_len_mean"], metrics["rejected_len_mean"], overlap, metrics["system_prompts_dropped"])
+    log.info("strategy %s: %d records minus %d sharing a test prompt = pool %d; %d pass the filter; %d held out for "
+             "eval; kept %d (mean chosen %.1f chars, rejected %.1f chars); overlap with test set: %d; system prompts "
+             "dropped: %d", p["strategy"], len(records), metrics["excluded_as_test_prompt"], len(pool), passed,
+             len(held_out), len(pairs),
+             metrics["chosen_chars_mean"], metrics["rejected_chars_mean"], overlap, metrics["system_prompts_dropped"])
 
 
 if __name__ == "__main__":

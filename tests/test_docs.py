@@ -1,13 +1,14 @@
 """Every command the README and docs/ tell a user to type is parsed here the way its tool parses it: `dvc …` by DVC's
-own argument parser, each `-S` override by Hydra's override parser and then composed against conf/ (so a key that
-does not exist, a sweep, or a profile that does not compose fails here, not in a user's shell), `python <script>` by
-the script's existence. `dvc repro` and the test command themselves run in test_pipeline.py and .ci/run."""
+own argument parser, each `-S` override by Hydra's override parser, then composed against conf/ and checked against
+the parameter schema (so a key that does not exist, a wrong value, a sweep, or a profile that does not compose fails
+here, not in a user's shell), `python <script>` by the script's existence, `make <target>` by make's dry run,
+`ernie-dpo <command>` by the command's own parser. `make demo` / `make test` themselves run in .ci/run and
+test_pipeline.py."""
 import re
 import shlex
 
 import pytest
 import yaml
-
 from conftest import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -26,7 +27,7 @@ def commands():
                 line = line[:-1] + " " + lines[k].strip()
             for part in re.split(r"\s&&\s", line.split("  #")[0]):
                 part = part.strip()
-                if part.startswith(("dvc ", "python ")) and lines[k].startswith(("    ", "\t")):
+                if part.startswith(("dvc ", "python ", "make ", "ernie-dpo ")) and lines[k].startswith(("    ", "\t")):
                     out.append((doc.name, part))
             k += 1
     return out
@@ -55,6 +56,21 @@ def test_the_docs_have_commands_to_check():
 @pytest.mark.parametrize("doc,cmd", CMDS, ids=[f"{d}:{c[:60]}" for d, c in CMDS])
 def test_documented_command_parses_and_composes(doc, cmd, tmp_path):
     argv = shlex.split(cmd)
+    if argv[0] == "make":
+        import subprocess
+
+        r = subprocess.run(["make", "-n", *argv[1:]], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, f"{doc}: {cmd}: {r.stderr}"
+        return
+    if argv[0] == "ernie-dpo":
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        exe = Path(sys.executable).parent / "ernie-dpo"
+        r = subprocess.run([str(exe), *argv[1:], "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0 and "usage" in r.stdout.lower(), f"{doc}: {cmd}: {r.stdout[-500:]}{r.stderr[-500:]}"
+        return
     if argv[0] == "python":
         if argv[1] == "-m":  # a module of this project (or an installed one)
             import importlib.util
@@ -72,7 +88,10 @@ def test_documented_command_parses_and_composes(doc, cmd, tmp_path):
 
         for o in OverridesParser.create().parse_overrides(sets):
             assert not o.is_sweep_override(), f"{doc}: {cmd}: {o.input_line} is a sweep (quote lists: 'k=\"0,1\"')"
-        compose(sets, tmp_path)  # every key exists, every profile composes
+        from ernie_dpo.params import problems
+
+        composed = compose(sets, tmp_path)  # every key exists, every profile composes
+        assert not problems(composed), f"{doc}: {cmd}: {problems(composed)}"  # and every value is allowed
 
 
 def test_a_removed_or_misspelt_parameter_fails_to_compose(tmp_path):
@@ -96,3 +115,84 @@ def test_profiles_compose_with_the_recipes_values(tmp_path):
     assert p["model"]["revision"] != "" and p["train"]["max_steps"] == 614 and p["train"]["warmup_steps"] == 50
     smol = compose(["profile=smol"], tmp_path)
     assert smol["model"]["name_or_path"] == "smollm2-135m" and smol["engine"]["device"] == "cpu"
+
+
+NUMBER = re.compile(r"([-+−]?\d[\d,]*(?:\.\d+)?)(%?)\s*<!--\s*(\S+?)\s+([\w.\[\]-]+)\s*-->")
+
+
+def quoted_numbers():
+    """(doc, shown text, file, key) for every number the docs quote from a results file: `77.5<!-- f.json k -->`."""
+    return [(d.name, m.group(0), m.group(1) + m.group(2), m.group(3), m.group(4))
+            for d in DOCS for m in NUMBER.finditer(d.read_text())]
+
+
+def lookup(path, key):
+    import json
+
+    value = json.loads((ROOT / path).read_text())
+    for part in key.split("."):
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    return value
+
+
+def test_the_docs_quote_numbers_from_results_files():
+    found = quoted_numbers()
+    assert len(found) >= 20 and {f for _, _, _, f, _ in found} >= {"metrics/baseline.json", "metrics/tuned.json"}
+
+
+@pytest.mark.parametrize("doc,text,shown,path,key", quoted_numbers(), ids=[f"{d}:{k}" for d, _, _, _, k in quoted_numbers()])
+def test_every_quoted_number_is_the_one_in_its_file(doc, text, shown, path, key):
+    """A number in README.md or docs/ that names its source must show that source's value, rounded as shown: results
+    change in one place (the metrics file a run writes), and a stale or hand-edited number fails here."""
+    value = float(lookup(path, key))
+    number = shown.replace("−", "-").replace(",", "")
+    if number.endswith("%"):
+        number, value = number[:-1], value * 100
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    assert round(value, decimals) == pytest.approx(float(number)), f"{doc} shows {text!r}: {path} {key} is {value}"
+
+
+def test_the_gpu_lock_is_the_cpu_lock_with_paddlepaddle_gpu():
+    """requirements-gpu.txt differs from requirements.txt only in the PaddlePaddle build (docs/gpu.md)."""
+    def pins(name):
+        return {line.strip() for line in (ROOT / name).read_text().splitlines() if line.strip() and "#" not in line}
+
+    cpu, gpu = pins("requirements.txt"), pins("requirements-gpu.txt")
+    assert cpu - gpu == {"paddlepaddle==3.3.1"} and gpu - cpu == {"paddlepaddle-gpu==3.3.1"}
+    assert all("==" in p for p in cpu)  # a complete lock: every package pinned
+
+
+def test_the_makefile_installs_each_lock_with_no_deps_and_the_project():
+    import subprocess
+
+    for target, lock in (("install", "requirements.txt"), ("install-gpu", "requirements-gpu.txt")):
+        r = subprocess.run(["make", "-n", "-B", target, "VENV=/tmp/ernie-dpo-make-n"], cwd=ROOT, capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr
+        assert f"--no-deps -r {lock}" in r.stdout and "--no-deps --no-build-isolation -e ." in r.stdout, r.stdout
+    assert "www.paddlepaddle.org.cn/packages/stable/cu126/" in r.stdout  # GPU builds from PaddlePaddle's own index
+
+
+def test_no_script_edits_sys_path():
+    """The project is an installed package (pyproject.toml, `make install`): stages, benchmarks, experiments and
+    tests import `ernie_dpo` as installed, never by putting the repository on the module search path."""
+    from conftest import repo_files
+
+    offenders = [f for f in repo_files() if f.endswith(".py") and re.search(r"sys\.path\s*(\.|\[|=)",
+                                                                          (ROOT / f).read_text())]
+    assert offenders == []
+
+
+def test_every_ernie_dpo_command_answers_help_without_running():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ernie_dpo.cli import COMMANDS
+
+    exe = Path(sys.executable).parent / "ernie-dpo"
+    top = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert top.returncode == 0 and all(name in top.stdout for name in COMMANDS)
+    for name in COMMANDS:
+        r = subprocess.run([str(exe), name, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "usage" in r.stdout.lower(), (name, r.stdout[-500:], r.stderr[-500:])

@@ -36,7 +36,8 @@ def test_launch_commands():
     assert engine.launch_command("train", "x.yaml", "cpu") == [sys.executable, "-m", "ernie_dpo.engine", "train", "x.yaml"]
     gpu = engine.launch_command("train", "logs/x.yaml", "gpu", devices="0,1")
     assert gpu[1:3] == ["-m", "paddle.distributed.launch"] and gpu[gpu.index("--gpus") + 1] == "0,1"
-    assert gpu[-3].endswith("ernie_dpo/engine.py") and gpu[-2:] == ["train", "logs/x.yaml"]
+    # each worker runs the installed console script (the launcher runs a non-.py script as an executable)
+    assert gpu[-4].endswith("/ernie-dpo") and gpu[-3:] == ["engine", "train", "logs/x.yaml"]
 
 
 def test_parse_a_real_dpo_step_line():
@@ -67,3 +68,25 @@ def test_lora_alpha_is_not_passed_the_engine_ignores_it():
 def test_local_inference_runs_on_the_first_listed_device():
     assert engine.inference_device("gpu", "2,3") == "gpu:2" and engine.inference_device("gpu", "0") == "gpu:0"
     assert engine.inference_device("cpu", "0") == "cpu"
+
+
+def test_the_cheaper_cpu_layers_train_to_the_same_losses(tiny_base, sample_records, tmp_path):
+    """fast_cpu (RMSNorm with x * x, rotate_half as a matmul) is kept only because a fixed 10-step run gives the same
+    losses as the engine's own layers, within float32 noise."""
+    from paddleformers.transformers import AutoTokenizer
+
+    from ernie_dpo import tokens
+    from ernie_dpo.common import write_jsonl
+
+    kept, _, _ = tokens.fit_pairs(AutoTokenizer.from_pretrained(str(tiny_base)), sample_records[:40], 256, 128)
+    write_jsonl(tmp_path / "pairs.jsonl", kept)
+    losses = {}
+    for fast in ("1", "0"):
+        cfg = engine.dpo_config(tiny_base, tmp_path / "pairs.jsonl", tmp_path / f"out{fast}", "cpu",
+                                {**TRAIN, "max_steps": 10, "fine_tuning": "full", "learning_rate": 1e-3})
+        steps = []
+        engine.run(engine.launch_command("train", engine.write_config(cfg, tmp_path / f"dpo{fast}.yaml"), "cpu"),
+                   tmp_path / f"engine{fast}.log", steps.append, env={"ERNIE_DPO_FAST_CPU": fast})
+        losses[fast] = [s["loss"] for s in steps]
+    assert len(losses["1"]) == 10 and losses["1"][-1] != losses["1"][0]  # it trained
+    assert losses["1"] == pytest.approx(losses["0"], rel=1e-4, abs=1e-5)

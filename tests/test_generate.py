@@ -5,8 +5,8 @@ import pytest
 
 from ernie_dpo import decode
 from ernie_dpo.data import to_messages
-from ernie_dpo.tokens import prompt_ids
 from ernie_dpo.generate import LocalModel, StopTokenError, stop_tokens
+from ernie_dpo.tokens import prompt_ids
 
 
 @pytest.fixture(scope="module")

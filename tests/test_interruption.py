@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import venv_env
 
 
@@ -59,7 +58,7 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_repo):
     repo = tiny_repo
     root = repo.root
     (root / "metrics").mkdir(exist_ok=True)
-    (root / "metrics/baseline.json").write_text('{"baseline": {"len_mean": 50}}')  # trainset needs it only for near_baseline
+    (root / "metrics/baseline.json").write_text('{"baseline": {"chars_mean": 50}}')  # trainset needs it only for near_baseline
     repo("trainset")
     for key, value in {"train.max_steps": 200, "train.warmup_steps": 1, "train.save_steps": 5, "train.global_batch_size": 8,
                        "train.fine_tuning": "lora", "train.learning_rate": 1e-3, "train.max_seq_len": 128,
@@ -82,7 +81,7 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_repo):
     assert "global_step: 1," not in log  # the resumed run did not start over
     assert "global_step: 200," in log
     assert (root / "models/train/lora_config.json").exists() and not any((root / "models/train").glob("checkpoint-*"))
-    assert json.loads((root / "metrics/train.json").read_text())["dpo"]["global_step"] == 200
+    assert json.loads((root / "metrics/train.json").read_text())["dpo"]["steps_done"] == 200
     assert not list((root / "checkpoints").iterdir())  # the work folder is removed once the model is out
 
     # A run killed WHILE saving leaves a checkpoint without optimizer and scheduler state (seen under load: killed
@@ -94,7 +93,7 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_repo):
     r = repo("train")
     assert "incomplete (the run was killed while saving it)" in r.stderr and "resuming from" not in r.stderr
     assert "global_step: 1," in (root / "logs/train/engine.log").read_text()  # started afresh, and finished:
-    assert json.loads((root / "metrics/train.json").read_text())["dpo"]["global_step"] == 200
+    assert json.loads((root / "metrics/train.json").read_text())["dpo"]["steps_done"] == 200
 
 
 
@@ -106,7 +105,7 @@ def test_a_stopped_stage_ends_its_engine_process_group(tiny_repo):
     repo = tiny_repo
     root = repo.root
     (root / "metrics").mkdir(exist_ok=True)
-    (root / "metrics/baseline.json").write_text('{"baseline": {"len_mean": 50}}')
+    (root / "metrics/baseline.json").write_text('{"baseline": {"chars_mean": 50}}')
     repo("trainset")
     for key, value in {"train.max_steps": 5000, "train.fine_tuning": "lora", "train.max_seq_len": 128,
                        "train.max_skipped_share": 1.0}.items():
@@ -139,7 +138,7 @@ def test_a_stopped_stage_ends_its_engine_process_group(tiny_repo):
 def test_training_refuses_when_most_pairs_would_be_skipped(tiny_repo):
     repo = tiny_repo
     (repo.root / "metrics").mkdir(exist_ok=True)
-    (repo.root / "metrics/baseline.json").write_text('{"baseline": {"len_mean": 50}}')
+    (repo.root / "metrics/baseline.json").write_text('{"baseline": {"chars_mean": 50}}')
     repo("trainset")
     repo.set_param("train.max_seq_len", 64)
     r = repo("train", check=False)

@@ -145,3 +145,32 @@ def test_early_turns_that_do_not_fit_are_counted_as_truncated(tiny_base):
     assert pair.status == "history_truncated" and pair.total <= 64 and pair.cut["prompt"] > 0
     assert tokens.encode_pair(tok, msgs, "Yes.", "No, not at all.", 4096, 4096).status == "fits"
     assert tokens.encode_pair(tok, msgs, "Yes.", "No, not at all.", 4096, 16).status == "prompt_too_long"
+
+
+def test_a_run_that_makes_replies_longer_is_seen_and_stopped(tiny_repo):
+    """The recipe's exp3 failure, made on purpose: DPO towards the LONG answers (chosen and rejected swapped). The
+    length probes (held-out prompts, step 0 included) show the replies growing, and stop_if_longer stops the run
+    with a clear message, the curve saved."""
+    import json
+
+    repo = tiny_repo
+    repo.set_param("trainset.eval_pairs", 12)
+    repo("trainset")
+    for name in ("train", "eval"):
+        path = repo.root / f"data/trainset/{name}.jsonl"
+        rows = [{**r, "response": r["response"][::-1]} for r in read_jsonl(path)]  # prefer the padded answers
+        write_jsonl(path, rows)
+    for key, value in (("train.max_steps", 30), ("train.warmup_steps", 0), ("train.learning_rate", 3e-3),
+                       ("train.global_batch_size", 8), ("train.fine_tuning", "full"), ("train.eval_steps", 0),
+                       ("train.length_probe_steps", 3), ("train.length_probe_prompts", 8),
+                       ("train.length_probe_max_dec_len", 96), ("train.stop_if_longer", 0.3),
+                       ("train.stop_if_longer_probes", 2)):
+        repo.set_param(key, value)
+    r = repo("train", check=False)
+    assert r.returncode != 0 and "STOPPED at step" in r.stderr and "LONGER" in r.stderr, r.stderr[-3000:]
+    rows = (repo.root / "metrics/dvclive/plots/metrics/length_probe/chars_median.tsv").read_text().splitlines()[1:]
+    medians = [float(x.split("\t")[1]) for x in rows]
+    assert rows[0].startswith("0\t") and medians[-1] > 1.3 * medians[0], medians
+    metrics = json.loads((repo.root / "metrics/train.json").read_text())["dpo"]
+    assert metrics["stopped_early"] is True and metrics["steps_done"] < 30
+    assert (repo.root / "metrics/plots/dpo_curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -2,14 +2,14 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, copy_repo, venv_env
 
 STAGES = ["prepare", "analyze", "testset", "base_model", "infer_baseline", "evaluate_baseline", "probe_baseline",
-          "trainset", "train", "merge", "infer_tuned", "evaluate_tuned", "probe_tuned"]
+          "trainset", "diagnose", "train", "merge", "infer_tuned", "evaluate_tuned", "probe_tuned"]
 
 
 def sh(args, cwd, check=True):
@@ -54,7 +54,7 @@ def test_committed_lock_matches_the_code_and_params():
 def test_cookbook_profile_composes_with_the_recipe_values(tmp_path):
     compose(ROOT, tmp_path / "p.yaml", ["profile=cookbook", "train.warmup_steps=360"])
     p = yaml.safe_load((tmp_path / "p.yaml").read_text())
-    assert p["model"]["name_or_path"] == "baidu/ERNIE-4.5-0.3B-Paddle" and p["engine"]["device"] == "gpu"
+    assert p["model"]["name_or_path"] == "baidu/ERNIE-4.5-0.3B-PT" and p["engine"]["device"] == "gpu"
     assert p["testset"] == {"size": 200, "seed": 2025, "keep_system": False}
     assert (p["infer"]["top_p"], p["infer"]["temperature"], p["infer"]["max_dec_len"]) == (0.7, 0.7, 8192)
     assert p["train"]["warmup_steps"] == 360 and p["train"]["global_batch_size"] == 1
@@ -69,7 +69,7 @@ def repo(tmp_path_factory):
     cfg = yaml.safe_load(demo.read_text())
     cfg["testset"]["size"] = 12
     cfg["infer"].update(max_dec_len=48, batch_size=6)
-    cfg["train"].update(max_steps=4, warmup_steps=1)
+    cfg["train"] = {**cfg["train"], "max_steps": 4, "warmup_steps": 1, "length_probe_steps": 2, "eval_steps": 2}
     cfg["model"]["tiny"] = {"warmup_steps": 30}
     cfg["probes"] = {"samples": 1}
     demo.write_text("# @package _global_\n" + yaml.safe_dump(cfg, sort_keys=False))
@@ -85,19 +85,34 @@ def repo(tmp_path_factory):
 def test_repro_writes_every_metric_and_keeps_test_prompts_out(repo):
     m = {f: json.loads((repo / "metrics" / f).read_text()) for f in
          ("prepare.json", "data.json", "testset.json", "base_model.json", "baseline.json", "trainset.json",
-          "train.json", "tuned.json", "probes_baseline.json", "probes_tuned.json", "infer_baseline.json",
+          "pairs.json", "train.json", "tuned.json", "probes_baseline.json", "probes_tuned.json", "infer_baseline.json",
           "infer_tuned.json")}
     assert m["prepare.json"]["prepare"]["records_read"] == 480
     assert m["testset.json"]["testset"]["prompts"] == 12
     assert m["trainset.json"]["trainset"]["test_overlap"] == 0
     assert m["baseline.json"]["baseline"]["replies"] == 12 and m["baseline.json"]["baseline"]["model"] == "tiny"
-    assert set(m["tuned.json"]) == {"tuned", "delta"} and "len_median_ci_low" in m["tuned.json"]["delta"]
-    assert m["train.json"]["dpo"]["global_step"] == 4
-    # pairs trained = pairs reported: every pair the trainset stage wrote is counted as trained or skipped, the
+    assert set(m["tuned.json"]) == {"tuned", "delta"} and "chars_median_ci_low" in m["tuned.json"]["delta"]
+    assert m["train.json"]["dpo"]["steps_done"] == 4
+    # pairs trained = pairs reported: every pair the trainset stage wrote is counted as trained or dropped, the
     # engine is handed exactly the trained ones, and its own log shows no skip
     dpo, pairs = m["train.json"]["dpo"], m["trainset.json"]["trainset"]["pairs"]
     assert dpo["pairs_offered"] == pairs
-    assert dpo["pairs_trained"] == pairs - dpo["pairs_skipped_too_long"] - dpo["pairs_skipped_prompt_too_long"]
+    assert dpo["pairs_trained"] == pairs - dpo["pairs_dropped"]
+    assert dpo["pairs_dropped"] == (dpo["pairs_dropped_too_long"] + dpo["pairs_dropped_prompt_too_long"] +
+                                    dpo["pairs_dropped_identical_after_truncation"])
+    # held-out pairs: the engine's own eval loop ran on them; the length probes answered their prompts from step 0
+    held = [json.loads(x) for x in (repo / "data/trainset/eval.jsonl").read_text().splitlines()]
+    trained = [json.loads(x) for x in (repo / "data/trainset/train.jsonl").read_text().splitlines()]
+    tests = [json.loads(x) for x in (repo / "data/testset/testset.jsonl").read_text().splitlines()]
+    from ernie_dpo.data import prompt_key
+    keys = {prompt_key(r) for r in trained}
+    assert held and not any(prompt_key(r) in keys or r["id"] in {t["id"] for t in tests} for r in held)
+    assert m["trainset.json"]["trainset"]["eval_pairs_held_out"] == len(held)
+    assert 0 <= dpo["heldout"]["rewards_accuracies"] <= 1 and dpo["heldout"]["loss"] > 0
+    assert dpo["length_probe"]["probes"] >= 3 and dpo["length_probe"]["step0_chars_median"] > 0
+    probe = (repo / "metrics/dvclive/plots/metrics/length_probe/chars_median.tsv").read_text().splitlines()
+    assert probe[1].split("\t")[0] == "0" and len(probe) >= 4  # header + step 0 + later probes
+    assert set(m["pairs.json"]["pairs"]) >= {"margin_per_token_median", "share_chosen_already_preferred", "warnings"}
     assert len((repo / "logs/train/pairs.jsonl").read_text().splitlines()) == dpo["pairs_trained"]
     assert "[SKIP]" not in (repo / "logs/train/engine.log").read_text()
     assert m["trainset.json"]["trainset"]["system_prompts_dropped"] > 0  # the recipe drops them from training
@@ -150,7 +165,7 @@ def test_changing_warmup_reruns_only_train_and_what_follows(repo):
     shown = json.loads(dvc("exp", "show", "--json", cwd=repo).stdout)
     text = json.dumps(shown)
     assert "warmup360" in text and '"warmup_steps": 360' in text
-    for key in ('"len_mean"', '"len_median_ci_low"', '"pairs_ratio_ge_2"', '"test_overlap"'):
+    for key in ('"chars_mean"', '"chars_median_ci_low"', '"pairs_ratio_ge_2"', '"test_overlap"'):
         assert key in text
 
 
@@ -202,10 +217,10 @@ def test_series_runs_exp1_to_exp4_and_the_report_matches_dvc_exp_show(repo):
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
                                           for line in report.splitlines() if line.startswith("| exp"))}
     assert list(rows) == ["exp0", "exp1", "exp2", "exp3", "exp4"]
-    assert rows["exp0"][3:5] == [f"{m['exp1']['baseline.len_mean']:.1f}", f"{m['exp1']['baseline.len_median']:.1f}"]
+    assert rows["exp0"][3:5] == [f"{m['exp1']['baseline.chars_mean']:.1f}", f"{m['exp1']['baseline.chars_median']:.1f}"]
     for n in m:
-        assert rows[n][3:5] == [f"{m[n]['tuned.len_mean']:.1f}", f"{m[n]['tuned.len_median']:.1f}"]
-        assert rows[n][5].startswith(f"{m[n]['delta.len_mean']:+.1f} [")
+        assert rows[n][3:5] == [f"{m[n]['tuned.chars_mean']:.1f}", f"{m[n]['tuned.chars_median']:.1f}"]
+        assert rows[n][5].startswith(f"{m[n]['delta.chars_mean']:+.1f} [")
         retention = m[n].get("probes_tuned.retention")  # None (not shown by DVC) when the baseline passed nothing
         assert rows[n][8] == (f"{retention:.2f}" if retention is not None else "—")
         assert f"{int(m[n]['trainset.pairs'])} pairs" in rows[n][1]
@@ -214,7 +229,7 @@ def test_series_runs_exp1_to_exp4_and_the_report_matches_dvc_exp_show(repo):
 
     # DVC's own comparison tools work between two experiments
     diff = json.loads(dvc("metrics", "diff", "exp2", "exp4", "--json", cwd=repo).stdout)
-    assert diff["metrics/tuned.json"]["tuned.len_mean"]["new"] == m["exp4"]["tuned.len_mean"]
+    assert diff["metrics/tuned.json"]["tuned.chars_mean"]["new"] == m["exp4"]["tuned.chars_mean"]
     plots = dvc("plots", "diff", "exp2", "exp4", "--json", cwd=repo)
     assert "reply_lengths" in plots.stdout and "exp4" in plots.stdout and "dpo_curves" in plots.stdout
 
@@ -237,7 +252,7 @@ def test_experiments_and_their_data_reach_a_teammate_through_git_and_the_dvc_rem
     dvc("exp", "pull", "origin", "exp4", cwd=clone)
     theirs = experiments(json.loads(dvc("exp", "show", "--json", cwd=clone).stdout))
     ours = experiments(json.loads(dvc("exp", "show", "--json", cwd=repo).stdout))
-    assert theirs["exp4"]["metrics"]["tuned.len_mean"] == ours["exp4"]["metrics"]["tuned.len_mean"]
+    assert theirs["exp4"]["metrics"]["tuned.chars_mean"] == ours["exp4"]["metrics"]["tuned.chars_mean"]
     dvc("exp", "apply", "exp4", cwd=clone)
     dvc("pull", "data/infer/tuned.jsonl", cwd=clone)  # from the shared remote, not recomputed
     replies = (clone / "data/infer/tuned.jsonl").read_text().splitlines()
@@ -293,3 +308,13 @@ def test_queued_experiments_are_answered_by_their_own_tuned_models(repo):
 def test_an_external_server_is_refused_in_a_temp_experiment(repo):
     r = dvc("exp", "run", "--temp", "-S", "infer.backend=openai", cwd=repo, check=False)
     assert r.returncode != 0 and "queued or temp experiment" in (r.stdout + r.stderr)
+
+
+def test_dvc_plots_show_works_offline(repo):
+    """`dvc plots show` writes a page whose plotting library is inlined (conf/plots/offline.html): no script is
+    loaded from a CDN, so every plot renders with no network; the PNG plots are images next to it."""
+    r = dvc("plots", "show", "--out", "dvc_plots", cwd=repo)
+    page = (repo / "dvc_plots/index.html").read_text()
+    assert "cdn.jsdelivr" not in page and "<script src" not in page
+    assert "vega-embed 6.18.2" in page and page.count("vegaEmbed('#") >= 8, r.stdout
+    assert "dpo_curves.png" in page and "pair_diagnostics.png" in page

@@ -3,7 +3,14 @@ import json
 
 import pytest
 
-from ernie_dpo.probes import ProbeError, check_reply, expand, load_probes, retention, score
+from ernie_dpo.probes import (
+    ProbeError,
+    check_reply,
+    expand,
+    load_probes,
+    retention,
+    score,
+)
 
 SHIPPED = "data/probes/probes.jsonl"
 
@@ -30,8 +37,8 @@ def test_checks_on_hand_written_replies(reply, check, expected):
 def test_shipped_probes_load_and_cover_every_kind():
     probes = load_probes(SHIPPED)
     kinds = {p["kind"] for p in probes}
-    assert kinds == {"memory", "fact", "arithmetic", "format"}
-    sponge = next(p for p in probes if p["id"] == "memory-1")  # the recipe's example: a name given earlier
+    assert kinds == {"name_recall", "fact", "arithmetic", "format"}
+    sponge = next(p for p in probes if p["id"] == "name_recall-1")  # the recipe's example: a name given earlier
     assert check_reply("Your name is Sponge.", sponge["check"]) and not check_reply("I don't know.", sponge["check"])
     assert [m["role"] for m in sponge["messages"]] == ["user", "assistant", "user"]
 

@@ -3,9 +3,9 @@ import sys
 import time
 
 import pytest
+from test_engine import TRAIN
 
 from ernie_dpo import engine
-from test_engine import TRAIN
 
 ENGINE = dict(devices="0", nnodes=1, tensor_parallel=1, sharding_parallel=1, sharding_stage="stage1")
 

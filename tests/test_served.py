@@ -9,10 +9,11 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler
 
 import pytest
-
 from conftest import LoopbackServer, free_port, venv_env
-from ernie_dpo import managed, openai_client as served
 from test_interruption import kill_when, start
+
+from ernie_dpo import managed
+from ernie_dpo import openai_client as served
 
 KEYS = {"id", "messages", "reply", "tokens", "finish_reason"}
 
@@ -172,7 +173,7 @@ def test_a_reply_without_usage_is_recorded_as_unknown_tokens(tmp_path):
     from ernie_dpo.stats import reply_metrics
 
     m = reply_metrics(out, max_dec_len=16)  # evaluate copes: lengths in chars, tokens unknown
-    assert m["len_mean"] == 2 and m["tokens_mean"] is None and m["tokens_unknown"] == 3
+    assert m["chars_mean"] == 2 and m["tokens_mean"] is None and m["tokens_unknown"] == 3
 
 
 def test_ctrl_c_stops_a_served_run_within_seconds(tiny_repo, tmp_path):

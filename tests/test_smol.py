@@ -12,8 +12,8 @@ import pytest
 
 from ernie_dpo import engine, gguf_model, tokens
 from ernie_dpo.common import write_jsonl
-from ernie_dpo.tokens import prompt_ids
 from ernie_dpo.generate import LocalModel
+from ernie_dpo.tokens import prompt_ids
 
 PARAGRAPH = ("The cat sat on the mat. It was a sunny day, and the children were playing in the park. Their parents "
              "watched from a bench nearby, talking about the weather and the news.")

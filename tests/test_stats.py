@@ -5,8 +5,8 @@ from ernie_dpo.stats import bootstrap_delta, describe, reply_metrics
 
 
 def test_describe_by_hand():
-    d = describe([10, 20, 30, 40, 100], "len_")
-    assert d == {"len_count": 5, "len_mean": 40.0, "len_median": 30.0, "len_p90": 76.0, "len_min": 10, "len_max": 100}
+    d = describe([10, 20, 30, 40, 100], "chars_")
+    assert d == {"chars_count": 5, "chars_mean": 40.0, "chars_median": 30.0, "chars_p90": 76.0, "chars_min": 10, "chars_max": 100}
     # p90 by hand: position 0.9 * 4 = 3.6 -> 40 + 0.6 * (100 - 40) = 76
 
 
@@ -19,10 +19,10 @@ def test_reply_metrics_by_hand():
     ]
     m = reply_metrics(replies, max_dec_len=8)
     assert m["replies"] == 4
-    assert m["len_mean"] == 4.5  # (4 + 2 + 12 + 0) / 4
-    assert m["len_median"] == 3.0  # (2 + 4) / 2
+    assert m["chars_mean"] == 4.5  # (4 + 2 + 12 + 0) / 4
+    assert m["chars_median"] == 3.0  # (2 + 4) / 2
     assert m["tokens_mean"] == 2.75 and m["tokens_median"] == 1.5
-    assert m["cut_at_max_share"] == 0.25 and m["empty_share"] == 0.25 and m["max_dec_len"] == 8
+    assert m["cut_at_max_dec_len_share"] == 0.25 and m["empty_share"] == 0.25 and m["max_dec_len"] == 8
 
 
 def test_bootstrap_interval_contains_the_point_estimate_and_excludes_zero_for_a_clear_shift():

@@ -148,3 +148,25 @@ def test_fit_pairs_counts_every_pair(tiny_tok, sample_records):
         else:
             assert counts["too_long"] == 3 and cut["tokens_cut_rejected"] == 0
     assert to_messages(kept[0], True)[-1]["role"] == "user"
+
+
+def test_keep_chosen_end_never_cuts_the_chosen_answer(tiny_tok):
+    """Both answers long: plain truncation cuts both (the chosen one loses its end of turn, so training on it teaches
+    the model not to stop); keep_chosen_end keeps the chosen answer whole and cuts only the rejected one, or drops the
+    pair (counted) when the chosen answer cannot fit whole."""
+    end = tiny_tok.convert_tokens_to_ids("<|end_of_sentence|>")
+    msgs = [{"role": "user", "content": "Tell me about rivers."}]
+    chosen, rejected = "Rivers carry water to the sea. " * 5, "Rivers are long and wet and they flow. " * 20
+    both = tokens.encode_pair(tiny_tok, msgs, chosen, rejected, 160, 32, truncate=True)
+    assert both.status == "truncated" and both.cut["chosen"] > 0 and end not in both.chosen
+    kept = tokens.encode_pair(tiny_tok, msgs, chosen, rejected, 160, 32, truncate=True, keep_chosen_end=True)
+    assert kept.status == "truncated" and kept.cut["chosen"] == 0 and kept.chosen[-1] == end
+    assert kept.cut["rejected"] > 0 and end not in kept.rejected and kept.total == 160
+    too_long = tokens.encode_pair(tiny_tok, msgs, chosen * 4, rejected * 2, 160, 32, truncate=True,
+                                  keep_chosen_end=True)
+    assert too_long.status == "chosen_cut"
+    recs = [{"id": "a", "src": ["Tell me about rivers."], "tgt": [], "response": [[chosen], [rejected]], "sort": [1, 0]},
+            {"id": "b", "src": ["Tell me about rivers."], "tgt": [], "response": [[chosen * 4], [rejected * 2]],
+             "sort": [1, 0]}]
+    out, counts, cut = tokens.fit_pairs(tiny_tok, recs, 160, 32, truncate=True, keep_chosen_end=True)
+    assert [r["id"] for r in out] == ["a"] and counts["chosen_cut"] == 1 and cut["chosen_answers_cut"] == 0
