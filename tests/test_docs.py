@@ -129,9 +129,13 @@ def quoted_numbers():
 def lookup(path, key):
     import json
 
-    value = json.loads((ROOT / path).read_text())
-    for part in key.split("."):
-        value = value[int(part)] if isinstance(value, list) else value[part]
+    value, parts, i = json.loads((ROOT / path).read_text()), key.split("."), 0
+    while i < len(parts):  # list index, or the longest key at this level (flat keys hold dots: "tuned.chars_mean")
+        if isinstance(value, list):
+            value, i = value[int(parts[i])], i + 1
+            continue
+        j = next(j for j in range(len(parts), i, -1) if ".".join(parts[i:j]) in value)
+        value, i = value[".".join(parts[i:j])], j
     return value
 
 
