@@ -17,9 +17,10 @@ How PaddleFormers' DPO dataset (datasets/DPODataset.py) encodes a pair, and what
    then the prompt from the left (its end, the question and the generation prompt, is kept), then the answers from
    the right, the longer one first. A cut answer loses its end-of-turn token: the model is not taught that an answer
    ends where the cut is. With `keep_chosen_end` (the default) the chosen answer is never cut: a pair whose chosen
-   answer does not fit whole is dropped (chosen_cut) and only the rejected answer is cut. Cut chosen answers taught
-   SmolLM2 to keep talking: on the real file at max_seq_len 512, 47 of 98 chosen answers lost their end of turn and
-   the held-out reply median went 206 -> 602 chars in 20 steps (docs/smol.md).
+   answer does not fit whole is dropped (chosen_cut) and only the rejected answer is cut: a cut chosen answer has no
+   end of turn, and training on it (its SFT term above all) teaches the model not to end. On the real file at
+   max_seq_len 512 the TRL rule cut 47 of 98 chosen answers; on SmolLM2's 60 test prompts the two rules could not be
+   told apart (docs/smol.md), so this default rests on that argument, not on a measured effect.
 
 The train stage writes each pair's ids into the pairs file (`token_ids`), and the engine process uses them as they
 are (install_engine_hooks): the engine trains on exactly the ids counted here, on a CPU and on every GPU worker.
