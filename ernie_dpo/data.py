@@ -282,7 +282,9 @@ def split_eval(pairs, eval_pairs, seed):
     question) are never split between training and eval. eval_pairs 0: no eval pairs."""
     if not eval_pairs:
         return list(pairs), []
-    want = round(eval_pairs * len(pairs)) if eval_pairs < 1 else int(eval_pairs)
+    # a share holds out at least one pair: the engine's eval and the length probes need one (a tiny variant, e.g.
+    # near_baseline on a short-reply model, would otherwise hold out none and its training stop)
+    want = max(1, round(eval_pairs * len(pairs))) if eval_pairs < 1 else int(eval_pairs)
     groups = {}
     for r in pairs:
         groups.setdefault(prompt_key(r), []).append(r)

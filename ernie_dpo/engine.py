@@ -553,6 +553,19 @@ def _main_thread():
     return threading.current_thread() is threading.main_thread()
 
 
+def _lora_evaluation_without_paddlefleet():
+    """PaddleFormers 1.2's Trainer.evaluation_loop tests `is_paddlefleet_available() and isinstance(model, GPTModel)
+    or (isinstance(model, LoRAModel) and isinstance(model.model, GPTModel))` (trainer/trainer.py), but imports
+    GPTModel only when paddlefleet is installed (it is not: neither in the CPU nor in the GPU lock). With LoRA the
+    second half runs and raises NameError: name 'GPTModel' is not defined -- at the first held-out evaluation, so
+    every LoRA run with eval pairs (the cookbook's) died there. A class nothing is an instance of gives the branch
+    the engine means without paddlefleet (the plain model)."""
+    from paddleformers.trainer import trainer
+
+    if not hasattr(trainer, "GPTModel"):
+        trainer.GPTModel = type("GPTModelWithoutPaddlefleet", (), {})
+
+
 def _engine_main(argv):
     """Start the engine's launcher in this process: the CPU path of launch_command, and each GPU worker.
 
@@ -586,6 +599,7 @@ def _engine_main(argv):
 
         length_probe.install(argv[1])  # when the train stage asked for reply-length probes (a spec beside the YAML)
     _first_load_ignores_checkpoint_format()
+    _lora_evaluation_without_paddlefleet()
     if int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) == 1:
         _unwrapped_when_fleet_is_not_initialised()
     if device == "cpu":

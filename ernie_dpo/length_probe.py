@@ -54,7 +54,9 @@ def should_stop(history, share, probes):
 def causal_lm(model):
     """The model with .model (decoder) and .lm_head, under any wrappers (LoRAModel, fleet's distributed model)."""
     for _ in range(5):
-        if hasattr(model, "lm_head") and hasattr(model, "model"):
+        # a wrapper (LoRAModel) forwards unknown attributes to what it wraps, so it "has" lm_head too: the causal LM
+        # is the one whose .model is the decoder, not another causal LM
+        if hasattr(model, "lm_head") and hasattr(model, "model") and not hasattr(model.model, "lm_head"):
             return model
         model = getattr(model, "model", None) or getattr(model, "_layers", None)
         if model is None:

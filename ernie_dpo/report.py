@@ -69,7 +69,9 @@ def find(rows, names):
     for r in rows:
         if r.get("typ") == "baseline":
             commit = r.get("rev")
-        elif r.get("Experiment") in names and r.get("tuned.chars_mean") is not None:
+        # a failed experiment still shows the git-tracked metrics of its commit: its State says it failed
+        elif (r.get("Experiment") in names and r.get("tuned.chars_mean") is not None
+              and r.get("State", "Success") == "Success"):
             found.setdefault(r["Experiment"], {"baseline_rev": commit, **_unprefixed(r)})  # saved rows keep theirs
     return found
 

@@ -108,23 +108,29 @@ def test_a_stopped_stage_ends_its_engine_process_group(tiny_repo):
     (root / "metrics/baseline.json").write_text('{"baseline": {"chars_mean": 50}}')
     repo("trainset")
     for key, value in {"train.max_steps": 5000, "train.fine_tuning": "lora", "train.max_seq_len": 128,
+                       "train.max_prompt_len": 64,
                        "train.max_skipped_share": 1.0}.items():
         repo.set_param(key, value)
     log = root / "logs/train/engine.log"
     for sig in (signal.SIGTERM, signal.SIGINT):
         log.unlink(missing_ok=True)  # the previous round's log must not count as this one's progress
-        proc = subprocess.Popen([sys.executable, "stages/train.py"], cwd=root, env=venv_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        err = root / "train.stderr"
+        with open(err, "w") as stderr:
+            proc = subprocess.Popen([sys.executable, "stages/train.py"], cwd=root, env=venv_env(),
+                                    stdout=subprocess.DEVNULL, stderr=stderr)
         try:
             deadline = time.time() + 180
             while not (log.exists() and "global_step: 2," in log.read_text()):  # the engine is training
-                assert proc.poll() is None and time.time() < deadline, "training never started"
+                assert proc.poll() is None and time.time() < deadline, f"training never started:\n{err.read_text()[-3000:]}"
                 time.sleep(0.2)
             engine_procs = psutil.Process(proc.pid).children(recursive=True)
             assert engine_procs, (proc.poll(), log.read_text()[-2000:])
         except BaseException:  # never leave a 5000-step training behind a failed test
-            for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
-                p.kill()
+            try:
+                for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
+                    p.kill()
+            except psutil.NoSuchProcess:
+                pass
             raise
         proc.send_signal(sig)
         start = time.time()
@@ -141,6 +147,7 @@ def test_training_refuses_when_most_pairs_would_be_skipped(tiny_repo):
     (repo.root / "metrics/baseline.json").write_text('{"baseline": {"chars_mean": 50}}')
     repo("trainset")
     repo.set_param("train.max_seq_len", 64)
+    repo.set_param("train.max_prompt_len", 32)
     r = repo("train", check=False)
-    assert r.returncode != 0 and "do not fit (longer than train.max_seq_len 64" in r.stderr
+    assert r.returncode != 0 and "cannot be used (longer than train.max_seq_len 64" in r.stderr, r.stderr[-2000:]
     assert "more than train.max_skipped_share 0.5" in r.stderr and not (repo.root / "models/train").exists()

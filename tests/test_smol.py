@@ -131,15 +131,29 @@ def test_the_engines_default_encoding_would_differ_on_multi_turn(smol):
     assert default != prompt_ids(smol.tokenizer, to_messages(rec, True))
 
 
-def test_a_couple_of_lora_dpo_steps_on_the_real_model(smol_dir, sample_records, tmp_path):
+def test_a_couple_of_lora_dpo_steps_on_real_long_pairs_cut_to_fit(smol_dir, tmp_path):
+    """Real pairs (the shipped file), too long for max_seq_len: cut as the profile cuts them (chosen kept whole),
+    counted, and the engine trains on exactly those ids -- it skips none (its own length check agrees)."""
     from paddleformers.transformers import AutoTokenizer
 
+    from conftest import ROOT
+    from ernie_dpo.data import load_records, prepare_records
+
+    records, _, _ = prepare_records(load_records(ROOT / "data/real/dpo_en_demo.json"), 100_000, "sharegpt")
+    long_pairs = [r for r in records if len(r["response"][1][0]) > 2000 and len(r["response"][0][0]) < 900][:6]
     tok = AutoTokenizer.from_pretrained(str(smol_dir))
-    kept, counts, _ = tokens.fit_pairs(tok, sample_records[:8], max_seq_len=512, max_prompt_len=256)
-    assert counts["too_long"] == 0 and len(kept) == 8
+    kept, counts, cut = tokens.fit_pairs(tok, long_pairs, max_seq_len=384, max_prompt_len=96, truncate=True,
+                                         keep_chosen_end=True)
+    assert sum(counts.values()) == len(long_pairs) == 6 and len(kept) == 6 - counts["chosen_cut"] >= 4
+    assert counts["truncated"] == len(kept) and cut["rejected_answers_cut"] == len(kept) and cut["chosen_answers_cut"] == 0
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for r in kept:
+        ids = r["token_ids"]
+        assert len(ids["prompt"]) <= 96 and sum(map(len, ids.values())) <= 384
+        assert end in ids["chosen"][-2:] and end not in ids["rejected"]  # the chosen answer ends, the cut one does not
     write_jsonl(tmp_path / "pairs.jsonl", kept)
     p = dict(max_steps=2, warmup_steps=1, global_batch_size=2, learning_rate=1e-4, fine_tuning="lora",
-             loss_type="sigmoid", beta=0.1, lora_rank=4, seed=42, max_seq_len=512, max_prompt_len=256)
+             loss_type="sigmoid", beta=0.1, lora_rank=4, seed=42, max_seq_len=384, max_prompt_len=96)
     cfg = engine.dpo_config(smol_dir, tmp_path / "pairs.jsonl", tmp_path / "out", "cpu", p)
     steps = []
     engine.run(engine.launch_command("train", engine.write_config(cfg, tmp_path / "dpo.yaml"), "cpu"),
