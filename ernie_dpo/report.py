@@ -69,9 +69,10 @@ def find(rows, names):
     for r in rows:
         if r.get("typ") == "baseline":
             commit = r.get("rev")
-        # a failed experiment still shows the git-tracked metrics of its commit: its State says it failed
+        # a failed experiment still shows the git-tracked metrics of its commit: its State says it failed (a pulled
+        # experiment has no State at all)
         elif (r.get("Experiment") in names and r.get("tuned.chars_mean") is not None
-              and r.get("State", "Success") == "Success"):
+              and r.get("State") not in ("Failed", "Queued", "Running")):
             found.setdefault(r["Experiment"], {"baseline_rev": commit, **_unprefixed(r)})  # saved rows keep theirs
     return found
 

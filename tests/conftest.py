@@ -9,6 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+# A shell starts a background job (`.ci/run &`, nohup) with SIGINT ignored, and an ignored signal is inherited by
+# every child: the stages would then never see the Ctrl-C the tests send. A handled SIGINT here is reset to the
+# default in each child, as in a terminal.
+import signal  # noqa: E402
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 ROOT = Path(__file__).resolve().parents[1]
 os.chdir(ROOT)  # tests read the bundled sample by its repo path
 
