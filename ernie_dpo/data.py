@@ -118,6 +118,10 @@ def to_ernie(dialogue):
     if len(src) != len(tgt) + 1:
         raise Invalid("last_turn_not_user", "the conversation ends with an assistant turn, so there is nothing to answer")
 
+    for what in ("chosen", "rejected"):
+        role = dialogue[what].get("from", dialogue[what].get("role")) if isinstance(dialogue[what], dict) else None
+        if role is not None and role not in ASSISTANT_ROLES:  # e.g. a TRL conversation whose last turn is the user's
+            raise Invalid("answer_not_assistant", f"{what} is a message with role {role!r}, not an assistant answer")
     chosen = _text(dialogue["chosen"], "chosen")
     rejected = _text(dialogue["rejected"], "rejected")
     if not chosen.strip():
@@ -280,7 +284,7 @@ def split_eval(pairs, eval_pairs, seed):
     """(training candidates, held-out eval pairs): eval_pairs is a count (>= 1) or a share (< 1) of the filtered
     pairs, drawn with `seed`. Whole prompts go to one side: records that share a prompt (other answers to the same
     question) are never split between training and eval. eval_pairs 0: no eval pairs."""
-    if not eval_pairs:
+    if not eval_pairs or not pairs:  # no pairs: nothing to hold out (the caller says "no pair passes the filter")
         return list(pairs), []
     # a share holds out at least one pair: the engine's eval and the length probes need one (a tiny variant, e.g.
     # near_baseline on a short-reply model, would otherwise hold out none and its training stop)
@@ -306,8 +310,8 @@ def sample_down(pairs, size, seed):
         return list(pairs)
     if size > len(pairs):
         raise DataError(
-            f"trainset.size is {size} but only {len(pairs)} pairs pass the filter; lower trainset.size or loosen "
-            "the filter (trainset.size: 0 keeps all)"
+            f"trainset.size is {size} but only {len(pairs)} pairs pass the filter and are not held out for "
+            "evaluation (trainset.eval_pairs); lower trainset.size or loosen the filter (trainset.size: 0 keeps all)"
         )
     keep = sorted(random.Random(seed).sample(range(len(pairs)), size))
     return [pairs[i] for i in keep]  # file order kept, so a diff of two variants stays readable

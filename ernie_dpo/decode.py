@@ -117,6 +117,7 @@ def grouped_attention(module, query, key, value, attention_mask=None, dropout=0.
         # training (DPO): the engine passes its mask in sparse form (the rejected answer must not see the chosen
         # one); made dense once per forward pass, not once per layer as the engine's eager attention does
         attention_mask = _dense_mask(kwargs["attn_mask_startend_row_indices"], qs.dtype)
+    source = attention_mask
     if attention_mask is not None:
         m = attention_mask[:, :, :, :t]
     elif q > 1:
@@ -124,13 +125,13 @@ def grouped_attention(module, query, key, value, attention_mask=None, dropout=0.
         # causal by themselves): query i sits at position t - q + i and sees keys up to there.
         allowed = np.tril(np.ones((q, t), dtype=bool), k=t - q)
         m = paddle.to_tensor(np.where(allowed, 0.0, np.finfo(np.float32).min).astype("float32"))
-        m = m.astype(qs.dtype).reshape([1, 1, q, t])
+        m = source = m.astype(qs.dtype).reshape([1, 1, q, t])
     else:
         m = None
     if q == 1:  # decode: [b, hkv, rep, t] scores, the mask expanded to them once per step (a broadcast add is slow)
         w = paddle.matmul(qs.reshape([b, hkv, rep, d]), key, transpose_y=True)
         if m is not None:
-            w.add_(_expanded_mask(m, 0, 1, t, hkv, rep))
+            w.add_(_expanded_mask(m, source, 0, 1, t, hkv, rep))
         return _weighted(w, value, query.dtype).reshape([b, 1, hq * d]), None
     blocks = []
     for start in range(0, q, QUERY_BLOCK):
@@ -141,7 +142,7 @@ def grouped_attention(module, query, key, value, attention_mask=None, dropout=0.
         if m is not None:
             # in place, with the mask expanded to the scores' shape once per forward pass: Paddle's CPU add is slow
             # when it broadcasts a mask over heads (37 ms a layer for 1000 tokens)
-            w.add_(_expanded_mask(m, start, end, seen, hkv, rep))
+            w.add_(_expanded_mask(m, source, start, end, seen, hkv, rep))
         blocks.append(_weighted(w, value[:, :, :seen], query.dtype).reshape([b, hq, end - start, d]))
     out = blocks[0] if len(blocks) == 1 else paddle.concat(blocks, axis=2)
     return out.transpose([0, 2, 1, 3]).reshape([b, q, hq * d]), None
@@ -172,13 +173,15 @@ def _dense_mask(startend, dtype):
     return _DENSE["mask"]
 
 
-def _expanded_mask(m, start, end, seen, hkv, rep):
-    """Rows [start, end) and columns [0, seen) of the prefill mask [b, 1, q, t], tiled to the grouped scores' shape
-    [b, hkv, rep * (end - start), seen]. Every layer of a forward pass gets the same mask tensor, so each block is
-    expanded once per pass (the cache holds the last pass only)."""
-    if _MASK.get("source") is not m:
+def _expanded_mask(m, source, start, end, seen, hkv, rep):
+    """Rows [start, end) and columns [0, seen) of the mask m [b, 1, q, t], tiled to the grouped scores' shape
+    [b, hkv, rep * (end - start), seen]. Every layer of a forward pass gets the same mask tensor `source` (m is a new
+    slice of it in each layer, so the cache is keyed on source and the width t), so each block is expanded once per
+    pass (the cache holds the last pass only)."""
+    key = (source, m.shape[-1])
+    if _MASK.get("source") is None or _MASK["source"][0] is not source or _MASK["source"][1] != key[1]:
         _MASK.clear()
-        _MASK["source"] = m
+        _MASK["source"] = key
     if start not in _MASK:
         block = m[:, :, start:end, :seen]
         _MASK[start] = block.unsqueeze(2).tile([1, hkv, rep, 1, 1]).reshape([m.shape[0], hkv, rep * (end - start), seen])
@@ -331,13 +334,15 @@ def combine(parts, n_layers):
 
 
 def select(batch, keep):
-    """The rows `keep` (indices) of a batch."""
+    """The rows `keep` (indices) of a batch, in a new cache: the batch itself is left as it was, because the rows of
+    a prefill of several prompts are taken from it one by one (prefill_batch > 1, the GPU setting)."""
     import paddle
 
     idx = paddle.to_tensor(np.asarray(keep, dtype="int64"))
-    c = batch.cache
-    c.keys = [paddle.index_select(k, idx, axis=0) for k in c.keys]
-    c.values = [paddle.index_select(v, idx, axis=0) for v in c.values]
+    c = SlotCache(len(batch.cache.keys))
+    c.length, c.decoding = batch.cache.length, batch.cache.decoding
+    c.keys = [paddle.index_select(k, idx, axis=0) for k in batch.cache.keys]
+    c.values = [paddle.index_select(v, idx, axis=0) for v in batch.cache.values]
     return Batch(c, batch.mask[keep], [batch.rows[i] for i in keep], batch.positions[keep], batch.last[keep])
 
 

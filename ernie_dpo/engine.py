@@ -278,11 +278,12 @@ def dpo_config(model, data_path, out_dir, device, p, e=None, eval_path=None):
         # (the engine refuses do_eval without a step strategy: 0 = every max_steps steps, i.e. at the end)
         steps = int(p.get("eval_steps", 0)) or int(p["max_steps"])
         cfg.update({"do_eval": True, "eval_dataset_type": "erniekit", "eval_dataset_path": str(eval_path),
-                    "eval_dataset_prob": "1.0", "per_device_eval_batch_size": cfg["per_device_train_batch_size"],
-                    "evaluation_strategy": "steps", "eval_steps": steps})
+                    "eval_dataset_prob": "1.0", "evaluation_strategy": "steps", "eval_steps": steps})
     if e is not None:
         cfg.update(parallel_settings(device, e["devices"], e["nnodes"], int(p["global_batch_size"]),
                                      int(e["tensor_parallel"]), int(e["sharding_parallel"]), e["sharding_stage"]))
+    if eval_path is not None:  # after parallel_settings, which splits the global batch over the data ranks
+        cfg["per_device_eval_batch_size"] = cfg["per_device_train_batch_size"]
     if p["fine_tuning"] == "lora":
         cfg.update({"fine_tuning": "LoRA", "lora": True, "lora_rank": int(p["lora_rank"])})
     else:
@@ -411,7 +412,7 @@ def launch_command(command, cfg_path, device, devices="0", nnodes=1, env=None):
 
 # One logged training step, e.g. "loss: 0.6931, learning_rate: 1e-05, global_step: 3, rewards/chosen: 0.01, ..."
 _STEP = re.compile(r"(?:^|[\s,])(loss|learning_rate|global_step|rewards/\w+|logps/\w+|train_\w+|eval_\w+(?:/\w+)?|"
-                   r"interval_tokens_per_second_per_device): ?(-?[0-9.]+(?:e[-+]?\d+)?)")
+                   r"interval_tokens_per_second_per_device): ?(-?[0-9.]+(?:e[-+]?\d+)?|-?nan|-?inf)")  # nan: a diverged run, kept
 
 
 def parse_log_line(line):
@@ -446,6 +447,9 @@ def launch_env(env=None):
     for k, v in LAUNCH_FLAGS.items():
         full.setdefault(k, v)
     full.setdefault("PYTHONUNBUFFERED", "1")
+    # the engine imports ernie_dpo (its hooks) from the checkout it runs in, as the stages do, not from wherever the
+    # editable install points: DVC runs queued experiments in copies of the repository
+    full["PYTHONPATH"] = os.pathsep.join([os.getcwd()] + [p for p in [full.get("PYTHONPATH")] if p])
     full[RUN_MARK] = uuid.uuid4().hex
     return full
 
@@ -468,7 +472,9 @@ def run(cmd, log_path, on_step=None, env=None, on_line=None):
     proc = None
     try:
         with open(log_path, "a", encoding="utf-8", buffering=1) as log:  # line-buffered: `tail -f` shows each step
+            # errors="replace": one undecodable byte in the engine's output must not end a training run
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                                    encoding="utf-8", errors="replace",
                                     bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
             for line in proc.stdout:
                 log.write(line)

@@ -142,7 +142,8 @@ def render(rows, names, short_sha=lambda rev: str(rev)[:7]):
         "",
         tabulate(body, headers=HEADERS, tablefmt="github", disable_numparse=True),
         "",
-        "- Δ = tuned − baseline on the same prompts, with a 95% bootstrap interval "
+        "- Δ = tuned − baseline on the same prompts, with a 95% paired bootstrap interval (prompts resampled, both "
+        "replies of a drawn prompt kept together) "
         f"({int(first['evaluate.bootstrap_samples'])} resamples); an interval that excludes 0 is a real change.",
         "- held-out reward acc.: the engine's eval loop on the experiment's own held-out pairs (trainset.eval_pairs) "
         "after the last step: share of pairs whose chosen answer gets the higher reward.",
@@ -244,7 +245,7 @@ def main(argv=None):
                                                      "rows": [found[n] for n in args.names if n in found]})
     data = bar_data(rows, args.names)
     write_json("metrics/plots/experiments.json", data)
-    model = next(r["model.name_or_path"] for r in rows if r.get("Experiment") in args.names)
+    model = next(found[n]["model.name_or_path"] for n in args.names if n in found)  # the rows reported, not others
     plot_bars(data, model, "metrics/plots/experiments.png")
     log.info("wrote %s and metrics/plots/experiments.{json,png} (%d experiments + exp0)", args.out, len(data) - 1)
     print(text)

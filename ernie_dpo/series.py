@@ -59,7 +59,10 @@ def count_pairs(pool, baseline_mean, tolerance, eval_pairs=0, seed=2025):
     """Training pairs each variant would get from this pool, after its held-out eval pairs (trainset.eval_pairs)
     are set aside -- the trainset stage's own code, so a planned trainset.size always exists."""
     def kept(pairs):
-        return len(split_eval(pairs, eval_pairs, seed)[0])
+        try:
+            return len(split_eval(pairs, eval_pairs, seed)[0])
+        except DataError:  # one prompt only: all of it would be held out, nothing left to train (plan() says so)
+            return 0
 
     return {
         "near_baseline": kept(select_pairs(pool, "near_baseline", 1.2, baseline_mean, tolerance)),
@@ -80,6 +83,9 @@ def plan(counts, global_batch_size, warmup_steps):
     if counts["ratio_2"] == 0:
         raise ValueError("no training pair has rejected >= 2x chosen")
     n1, n3 = counts["near_baseline"], counts["ratio_2"]
+    if counts["ratio_1.2"] < n1:  # exp2 trains as many >= 1.2x pairs as exp1 has; after each variant's own held-out
+        raise ValueError(f"exp2 needs {n1} pairs with rejected >= 1.2x chosen (as many as exp1 has) but only "
+                         f"{counts['ratio_1.2']} are left after the held-out pairs; lower trainset.eval_pairs")
     s1, s3 = epoch_steps(n1, global_batch_size), epoch_steps(n3, global_batch_size)
     return {
         "exp1": {"trainset.strategy": "near_baseline", "trainset.min_ratio": 1.2, "trainset.size": 0,

@@ -7,6 +7,7 @@ model's own answers". Writes metrics/pairs.json (summary + warnings) and metrics
 Warnings (trivially separable pairs, off-policy rejected answers) are logged loudly and kept in the metrics; they
 do not stop the pipeline.
 """
+import sys
 import random
 from pathlib import Path
 
@@ -15,6 +16,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
+# queued experiments in copies of the repository, which must run their own code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo import diagnose, tokens
 from ernie_dpo.common import (
     get_logger,
@@ -37,22 +41,28 @@ def main():
     pairs = read_jsonl("data/trainset/train.jsonl")
     replies = read_jsonl("data/infer/baseline.jsonl")
     rng = random.Random(d["seed"])
-    pairs = rng.sample(pairs, min(d["max_pairs"], len(pairs)))
-    replies = [r for r in rng.sample(replies, min(d["max_pairs"], len(replies))) if r["reply"]]
+    first = rng.sample(range(len(pairs)), min(d["max_pairs"], len(pairs)))
+    rest = sorted(set(range(len(pairs))) - set(first))
+    random.Random(d["seed"] + 1).shuffle(rest)
+    pairs = [pairs[i] for i in first + rest]  # the sample first, then the others to replace pairs training drops
+    replies = [r for r in replies if r["reply"]]
+    replies = rng.sample(replies, min(d["max_pairs"], len(replies)))
     lm = LocalModel("models/base", params["engine"]["device"], params["engine"]["devices"])
     suffix = tokens.answer_suffix(lm.tokenizer)
     scored, rejected_chars = [], []
-    for k, r in enumerate(pairs):
+    for r in pairs:
+        if len(scored) == d["max_pairs"]:
+            break
         pair = tokens.encode_pair(lm.tokenizer, to_messages(r, keep_system=True), r["response"][0][0],
                                   r["response"][1][0], t["max_seq_len"], t["max_prompt_len"], t["truncate"], suffix,
                                   t["keep_chosen_end"])
         if pair.status not in tokens.TRAINED:
-            continue  # the train stage drops it too (and counts it)
+            continue  # the train stage drops it too (and counts it); the next pair takes its place
         (cs, cn), (rs, rn) = (diagnose.answer_logps(lm.model, pair.prompt, ids) for ids in (pair.chosen, pair.rejected))
         scored.append((cs / cn, rs / rn, cn, rn))
         rejected_chars.append(len(r["response"][1][0]))
-        if (k + 1) % 8 == 0:
-            log.info("scored %d of %d pairs", k + 1, len(pairs))
+        if len(scored) % 8 == 0:
+            log.info("scored %d of at most %d pairs", len(scored), d["max_pairs"])
     own = []
     for rep in replies:
         # the prompt as training would see it at most (its last max_prompt_len tokens): long prompts cost quadratically

@@ -13,6 +13,9 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
+# queued experiments in copies of the repository, which must run their own code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo.common import (
     get_logger,
     labels,
@@ -52,9 +55,10 @@ def main():
     # "model" labels every number: the demo's come from the tiny model, never from ERNIE-4.5-0.3B
     out = {args.name: {**labels(params), **reply_metrics(replies, max_dec_len)}}
     m = out[args.name]
-    log.info("%s: %d replies, mean %.1f / median %.1f chars, %.0f%% cut at max_dec_len=%d, %.0f%% empty", args.name,
-             m["replies"], m["chars_mean"], m["chars_median"], 100 * m["cut_at_max_dec_len_share"], max_dec_len,
-             100 * m["empty_share"])
+    log.info("%s: %d replies, mean %.1f / median %.1f chars, %.0f%% cut at max_dec_len=%d, %.0f%% empty, "
+             "%.0f%% looping (a sentence repeated 3+ times)", args.name, m["replies"], m["chars_mean"],
+             m["chars_median"], 100 * m["cut_at_max_dec_len_share"], max_dec_len, 100 * m["empty_share"],
+             100 * m["looping_share"])
     if args.baseline:
         base = read_jsonl(args.baseline)
         if [r["id"] for r in base] != [r["id"] for r in replies]:
@@ -63,11 +67,21 @@ def main():
         t_len = [len(r["reply"]) for r in replies]
         delta = {}
         for stat in ("mean", "median"):
+            # the headline interval is paired (same prompts, same seeds: ernie_dpo/stats.py says why); the unpaired
+            # one, wider, is kept beside it so nobody has to take the choice on trust
             d, lo, hi = bootstrap_delta(b_len, t_len, stat, e["bootstrap_samples"], e["seed"])
+            _, ulo, uhi = bootstrap_delta(b_len, t_len, stat, e["bootstrap_samples"], e["seed"], paired=False)
             delta[f"chars_{stat}"] = round(d, 2)
             delta[f"chars_{stat}_ci_low"] = round(lo, 2)
             delta[f"chars_{stat}_ci_high"] = round(hi, 2)
-            log.info("tuned - baseline %s reply length: %+.1f chars, 95%% bootstrap CI [%+.1f, %+.1f]", stat, d, lo, hi)
+            delta[f"chars_{stat}_unpaired_ci_low"] = round(ulo, 2)
+            delta[f"chars_{stat}_unpaired_ci_high"] = round(uhi, 2)
+            log.info("tuned - baseline %s reply length: %+.1f chars, 95%% paired bootstrap CI [%+.1f, %+.1f] "
+                     "(unpaired [%+.1f, %+.1f])", stat, d, lo, hi, ulo, uhi)
+        delta["prompts_shorter"] = sum(t < b for b, t in zip(b_len, t_len))
+        delta["prompts_longer"] = sum(t > b for b, t in zip(b_len, t_len))
+        log.info("tuned reply shorter than the baseline's on %d of %d prompts, longer on %d",
+                 delta["prompts_shorter"], len(b_len), delta["prompts_longer"])
         out["delta"] = delta
         Path("metrics/plots").mkdir(parents=True, exist_ok=True)
         write_json("metrics/plots/reply_lengths.json",

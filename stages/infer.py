@@ -14,6 +14,9 @@ sampling settings with top_k off, stop tokens, replies/s, new tokens/s) to metri
 import sys
 from pathlib import Path
 
+# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
+# queued experiments in copies of the repository, which must run their own code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo import engine
 from ernie_dpo.common import (
     fingerprint,

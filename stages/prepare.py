@@ -6,7 +6,11 @@ ERNIEKit's DPO jsonl (src/tgt/response/sort); a JSON list or JSONL. data.format:
 The stage FAILS when fewer than prepare.min_records records survive (a wrong file or format is never an empty run).
 """
 import sys
+from pathlib import Path
 
+# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
+# queued experiments in copies of the repository, which must run their own code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo.common import (
     get_logger,
     load_params,

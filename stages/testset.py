@@ -1,6 +1,10 @@
 """testset: a fixed sample of prompts (seeded) in OpenAI message format, for baseline and tuned inference."""
 import sys
+from pathlib import Path
 
+# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
+# queued experiments in copies of the repository, which must run their own code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo.common import (
     get_logger,
     load_params,

@@ -18,6 +18,7 @@ config; rerun it by hand with `python -m ernie_dpo.engine train logs/train/dpo.y
 (last-step, held-out and length-probe values), metrics/dvclive/ (per-step curves) and metrics/plots/dpo_curves.png.
 """
 import csv
+import math
 import shutil
 import sys
 import time
@@ -30,6 +31,9 @@ import matplotlib.pyplot as plt
 from dvclive import Live
 from tqdm import tqdm
 
+# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
+# queued experiments in copies of the repository, which must run their own code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo import engine, length_probe, tokens
 from ernie_dpo.common import (
     fingerprint,
@@ -124,11 +128,16 @@ def encode_pairs(p, source="data/trainset/train.jsonl", dest=LOGS / "pairs.jsonl
 
 def write_length_probe_spec(params, eval_pairs, tokenizer):
     """The held-out prompts the length probes answer (train.length_probe_prompts of them), with their seeds."""
-    from ernie_dpo.data import to_messages
+    from ernie_dpo.data import prompt_key, to_messages
     from ernie_dpo.decode import prompt_seed
 
     p, i = params["train"], params["infer"]
-    chosen = eval_pairs[:p["length_probe_prompts"]]
+    # distinct prompts: held-out pairs come in whole-prompt groups, and one prompt twice would count twice
+    chosen, seen = [], set()
+    for r in eval_pairs:
+        if prompt_key(r) not in seen and len(chosen) < p["length_probe_prompts"]:
+            seen.add(prompt_key(r))
+            chosen.append(r)
     msgs = [to_messages(r, keep_system=params["testset"]["keep_system"]) for r in chosen]
     stops = tokens.stop_tokens(tokenizer, "models/base", i.get("stop_tokens") or ())
     # prompts cut to their last max_prompt_len tokens, as training sees them: a 3000-token prompt would make every
@@ -146,28 +155,32 @@ def engine_inputs(params, work):
     """logs/train/: the pairs (and held-out eval pairs) as token ids, the length-probe spec and dpo.yaml --
     everything the engine reads besides models/base, with paths relative to the repository, built only from
     params.yaml and DVC-tracked inputs, so every node of a multi-node run rebuilds them byte for byte
-    (`--worker-node`). Returns (launch command, pair counts of training, of eval)."""
+    (`--worker-node`). Returns (launch command, pair counts of training, of eval, length-probe prompts)."""
     from paddleformers.transformers import AutoTokenizer
 
     p, e, device = params["train"], params["engine"], params["engine"]["device"]
     tokenizer = AutoTokenizer.from_pretrained("models/base")
     fit, _ = encode_pairs(p, tokenizer=tokenizer)
+    if fit["pairs_trained"] == 0:
+        sys.exit("train: no training pair is left to train on (see the counts above); raise train.max_seq_len or set "
+                 "train.truncate=true")
     eval_fit, eval_pairs = encode_pairs(p, "data/trainset/eval.jsonl", LOGS / "eval_pairs.jsonl", "held-out pairs",
                                         tokenizer)
+    probe_prompts = 0
     if p["length_probe_steps"] > 0:
         if not eval_pairs:
             sys.exit("train: train.length_probe_steps > 0 needs held-out prompts: set trainset.eval_pairs")
-        write_length_probe_spec(params, eval_pairs, tokenizer)
+        probe_prompts = write_length_probe_spec(params, eval_pairs, tokenizer)
     try:
         cfg = engine.dpo_config("models/base", LOGS / "pairs.jsonl", work, device, p, e,
                                 eval_path=LOGS / "eval_pairs.jsonl" if eval_pairs else None)
         cfg_path = engine.write_config(cfg, LOGS / "dpo.yaml")
         cmd = engine.launch_command("train", cfg_path, device, e["devices"], e["nnodes"])
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:  # FileNotFoundError: the ernie-dpo launcher is not installed
         sys.exit(f"train: {err}")
     log.info("engine inputs: %s", ", ".join(f"{f.name} sha256 {sha256_of(f)[:16]}" for f in sorted(LOGS.glob("*"))
                                             if f.is_file()))
-    return cmd, fit, eval_fit
+    return cmd, fit, eval_fit, probe_prompts
 
 
 def worker_node(args, params, work):
@@ -176,7 +189,7 @@ def worker_node(args, params, work):
     if int(params["engine"]["nnodes"]) < 2 and not args.print_only:
         sys.exit("train --worker-node: engine.nnodes is 1; worker nodes are for multi-node runs")
     shutil.rmtree(LOGS, ignore_errors=True)
-    cmd, _, _ = engine_inputs(params, work)
+    cmd, _, _, _ = engine_inputs(params, work)
     log.info("worker node launch: %s", " ".join(cmd))
     if args.print_only:
         print(" ".join(cmd))
@@ -209,7 +222,7 @@ def main():
         log.info("resuming from %s (an earlier run with the same inputs was interrupted)", resumed[-1])
     for d in (OUT, LOGS):
         shutil.rmtree(d, ignore_errors=True)
-    cmd, fit, eval_fit = engine_inputs(params, work)
+    cmd, fit, eval_fit, probe_prompts = engine_inputs(params, work)
     if int(e["nnodes"]) > 1:
         log.info("node 0 of %s; on every other node, after `git checkout` of this commit and `dvc pull`, run with its "
                  "own RANK (1..%d), MASTER_ADDR=<this node> and MASTER_PORT: python stages/train.py --worker-node",
@@ -255,13 +268,16 @@ def main():
             for k in ("chars_median", "chars_mean", "cut_share"):
                 live.log_metric(f"length_probe/{k}", data[k], plot=True)
             log.info("length probe at step %d: replies to %d held-out prompts: median %.0f chars, mean %.0f, "
-                     "cut at %d tokens: %.0f%%", data["step"], p["length_probe_prompts"], data["chars_median"],
+                     "cut at %d tokens: %.0f%%", data["step"], probe_prompts, data["chars_median"],
                      data["chars_mean"], p["length_probe_max_dec_len"], 100 * data["cut_share"])
 
         engine.run(cmd, LOGS / "engine.log", on_step, on_line=on_line)
         live.make_summary()
     if not last:
         sys.exit(f"train: the engine logged no training step; see {LOGS / 'engine.log'}")
+    if not math.isfinite(last["loss"]):
+        sys.exit(f"train: the loss is {last['loss']} at step {last['global_step']} (the run diverged): lower "
+                 f"train.learning_rate; see {LOGS / 'engine.log'}")
     skipped = engine.engine_skips((LOGS / "engine.log").read_text(encoding="utf-8", errors="replace"))
     if skipped:
         sys.exit(f"train: the engine skipped {skipped} pair(s) that the length count said fit (see '[SKIP]' in "
@@ -280,7 +296,7 @@ def main():
                             **{k[len("eval_"):].replace("/", "_"): round(v, 5) for k, v in heldout.items()
                                if k in EVAL_CURVES}}
     if probes:
-        final["length_probe"] = {"prompts": p["length_probe_prompts"], "probes": len(probes),
+        final["length_probe"] = {"prompts": probe_prompts, "probes": len(probes),
                                  "step0_chars_median": probes[0]["chars_median"],
                                  "final_chars_median": probes[-1]["chars_median"],
                                  "final_cut_share": probes[-1]["cut_share"]}

@@ -3,7 +3,11 @@ held-out eval pairs (trainset.eval_pairs) set aside from the same filtered pool:
 training prompt (asserted). The engine evaluates them during training (train.eval_steps); their prompts are also the
 length probes' (train.length_probe_steps)."""
 import sys
+from pathlib import Path
 
+# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
+# queued experiments in copies of the repository, which must run their own code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo.common import (
     get_logger,
     load_params,

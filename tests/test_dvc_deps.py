@@ -58,3 +58,25 @@ def test_the_derivation_finds_lazy_and_relative_imports():
     found = project_imports(ROOT / "stages/infer.py")
     assert {"ernie_dpo/generate.py", "ernie_dpo/decode.py", "ernie_dpo/engine.py", "ernie_dpo/common.py",
             "ernie_dpo/__init__.py"} <= found
+
+
+def test_a_copy_of_the_repository_runs_its_own_ernie_dpo(tmp_path, monkeypatch):
+    """DVC runs queued experiments in copies of the repository (.dvc/tmp/exps/...): their stages and the engine they
+    launch must import the copy's ernie_dpo (whose hashes DVC records), not the workspace's the editable install
+    points at."""
+    import shutil
+    import subprocess
+    import sys
+
+    from ernie_dpo import engine
+
+    shutil.copytree(ROOT / "ernie_dpo", tmp_path / "ernie_dpo", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    init = tmp_path / "ernie_dpo" / "__init__.py"
+    init.write_text(init.read_text() + "\nprint('ernie_dpo from', __file__)\n")
+    r = subprocess.run([sys.executable, "stages/evaluate.py", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and f"ernie_dpo from {tmp_path / 'ernie_dpo'}" in r.stdout, r.stdout + r.stderr
+    monkeypatch.chdir(tmp_path)
+    env = engine.launch_env()
+    r = subprocess.run([sys.executable, "-c", "import ernie_dpo"], cwd="/", env=env, capture_output=True, text=True)
+    assert f"ernie_dpo from {tmp_path / 'ernie_dpo'}" in r.stdout, r.stdout + r.stderr

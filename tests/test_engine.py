@@ -1,4 +1,5 @@
 """Engine YAML, launch commands and log parsing (no engine run here; see test_model.py for real runs)."""
+import math
 import sys
 
 import pytest
@@ -50,6 +51,9 @@ def test_parse_a_real_dpo_step_line():
     assert s["rewards/margins"] == pytest.approx(0.41025) and s["logps/chosen"] == pytest.approx(-3.73312)
     assert engine.parse_log_line("global_step is mentioned but no numbers") is None
     assert engine.parse_log_line("loss: 0.3") is None
+    # a diverged run: the step is kept with its nan loss (train stops on it), not dropped as an unparsed line
+    nan = engine.parse_log_line("- loss: nan, learning_rate: 5e-05, global_step: 41, rewards/margins: nan")
+    assert nan["global_step"] == 41 and math.isnan(nan["loss"]) and math.isnan(nan["rewards/margins"])
 
 
 def test_checkpoints_use_one_resumable_format_on_every_device():

@@ -36,9 +36,11 @@ def full_forward_greedy(model, ids, n):
     return out
 
 
-def test_greedy_decode_loop_equals_the_engines_full_forward(lm, tests):
+@pytest.mark.parametrize("prefill_batch", [1, 3])  # 1: the CPU setting; several prompts prefilled together: the GPU's
+def test_greedy_decode_loop_equals_the_engines_full_forward(lm, tests, prefill_batch):
     prompts = [prompt_ids(lm.tokenizer, t["messages"]) for t in tests[:5]]
-    got = decode.generate(lm.model, prompts, [0] * len(prompts), [], 20, 0.0, 0.7, 3, lm.pad_id, lm.max_len)
+    got = decode.generate(lm.model, prompts, [0] * len(prompts), [], 20, 0.0, 0.7, 3, lm.pad_id, lm.max_len,
+                          prefill_batch=prefill_batch)
     for i, p in enumerate(prompts):
         assert got[i] == (full_forward_greedy(lm.model, p, 20), "length"), f"prompt {i} ({len(p)} tokens)"
 
@@ -89,3 +91,15 @@ def test_sampling_on_the_device_agrees_with_the_whole_vocabulary_on_the_host():
     host = [decode.sample_token(logits[r], 0.7, 0.7, u[r]) for r in range(6)]
     assert device.tolist() == host
     assert device[5] >= 64 or u[5] < 64 / 700  # drawn from the whole nucleus, not from 64 candidates
+
+
+def test_each_block_of_the_mask_is_expanded_once_per_forward_pass():
+    """Every layer gets the same mask tensor but slices it anew: the expansion is keyed on the tensor itself."""
+    import paddle
+
+    src = paddle.zeros([2, 1, 5, 8])
+    a = decode._expanded_mask(src[:, :, :, :6], src, 0, 5, 6, 2, 3)
+    b = decode._expanded_mask(src[:, :, :, :6], src, 0, 5, 6, 2, 3)  # the next layer: a new slice of the same mask
+    assert a is b and a.shape == [2, 2, 15, 6]
+    other = paddle.zeros([2, 1, 5, 8])  # the next forward pass
+    assert decode._expanded_mask(other[:, :, :, :6], other, 0, 5, 6, 2, 3) is not a

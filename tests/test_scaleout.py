@@ -52,6 +52,12 @@ def test_four_gpus_data_parallel_split_the_global_batch():
     assert cmd[cmd.index("--gpus") + 1] == "0,1,2,3" and "--nnodes" not in cmd
 
 
+def test_the_held_out_pairs_are_evaluated_in_the_training_batch_per_device_not_the_global_batch():
+    e = {**ENGINE, "devices": "0,1,2,3"}
+    cfg = engine.dpo_config("m", "t", "o", "gpu", {**TRAIN, "global_batch_size": 16}, e, eval_path="eval.jsonl")
+    assert cfg["do_eval"] and cfg["per_device_train_batch_size"] == 4 and cfg["per_device_eval_batch_size"] == 4
+
+
 def test_tensor_and_sharding_parallel_over_two_nodes():
     e = {**ENGINE, "devices": "0,1,2,3,4,5,6,7", "nnodes": 2, "tensor_parallel": 2, "sharding_parallel": 4,
          "sharding_stage": "stage2"}

@@ -38,6 +38,19 @@ def test_plan_refuses_an_empty_variant():
         plan({"near_baseline": 0, "ratio_1.2": 10, "ratio_2": 5}, 1, 50)
 
 
+def test_a_variant_with_one_prompt_or_none_counts_zero_pairs_and_the_plan_says_why(sample_records):
+    # only one record has rejected >= 2x chosen: all of it would be held out, nothing left to train
+    one = next(r for r in sample_records if len(r["response"][1][0]) >= 2 * len(r["response"][0][0]))
+    short = [r for r in sample_records if len(r["response"][1][0]) < 2 * len(r["response"][0][0])]
+    c = count_pairs(short + [one], baseline_mean=90.0, tolerance=0.3, eval_pairs=0.1)
+    assert c["ratio_2"] == 0 and c["ratio_1.2"] > 0
+    with pytest.raises(ValueError, match="rejected >= 2x chosen"):
+        plan(c, 1, 50)
+    assert count_pairs(short, baseline_mean=90.0, tolerance=0.3, eval_pairs=0.1)["ratio_2"] == 0
+    with pytest.raises(ValueError, match="exp2 needs 7 pairs"):
+        plan({"near_baseline": 7, "ratio_1.2": 6, "ratio_2": 5}, 1, 50)
+
+
 def test_counts_use_string_lengths(sample_records):
     c = count_pairs(sample_records, baseline_mean=90.0, tolerance=0.3)
     assert c["ratio_2"] < c["ratio_1.2"] and 0 < c["near_baseline"] <= c["ratio_1.2"]

@@ -40,3 +40,36 @@ def test_bootstrap_interval_covers_zero_when_nothing_changed():
     same = [float(x) for x in range(1, 41)]
     _, lo, hi = bootstrap_delta(same, list(reversed(same)), "median", 2000, seed=0)
     assert lo < 0 < hi
+
+
+def test_a_paired_interval_sees_a_consistent_shift_that_the_spread_between_prompts_hides_from_an_unpaired_one():
+    # prompts differ a lot (20 to 3000 chars), and every tuned reply is 15% shorter than the baseline's on its prompt:
+    # pairing cancels the spread between prompts, independent resampling does not
+    baseline = [20 + (i * 37) % 60 * 50 for i in range(60)]
+    tuned = [0.85 * b for b in baseline]
+    for stat in ("mean", "median"):
+        d, lo, hi = bootstrap_delta(baseline, tuned, stat, 2000, seed=1)
+        _, ulo, uhi = bootstrap_delta(baseline, tuned, stat, 2000, seed=1, paired=False)
+        assert lo <= d <= hi < 0, (stat, lo, d, hi)
+        assert ulo < 0 < uhi, (stat, ulo, uhi)
+
+
+def test_a_paired_interval_needs_one_tuned_reply_per_baseline_reply():
+    with pytest.raises(ValueError, match="one tuned reply per baseline reply"):
+        bootstrap_delta([1, 2, 3], [1, 2], "mean", 100, seed=0)
+    with pytest.raises(ValueError, match="no replies"):
+        bootstrap_delta([], [], "mean", 100, seed=0, paired=False)
+
+
+def test_a_reply_that_repeats_a_sentence_is_counted_as_looping_in_english_and_chinese():
+    from ernie_dpo.stats import loops
+    para = "The bridge could also have a positive impact on the local economy. "
+    assert loops("Intro sentence here, long enough. " + para * 3)
+    assert not loops("Intro sentence here, long enough. " + para * 2)
+    assert not loops("Yes. Yes. Yes. Yes.")                       # short sentences are not loops
+    zh = "这座桥可能会对当地经济产生积极的影响，并带来更多就业机会。"
+    assert loops(zh * 3) and not loops(zh + "交通效率也会因此提高很多，通勤时间会明显缩短。")
+    assert loops("- the same long list item repeated again\n" * 3)
+    m = reply_metrics([{"reply": para * 3, "tokens": 9, "finish_reason": "length"},
+                       {"reply": "A short answer that ends.", "tokens": 5, "finish_reason": "eos"}], max_dec_len=9)
+    assert m["looping_share"] == 0.5
