@@ -275,7 +275,7 @@ def main():
         live.make_summary()
     if not last:
         sys.exit(f"train: the engine logged no training step; see {LOGS / 'engine.log'}")
-    if not math.isfinite(last["loss"]):
+    if not math.isfinite(last.get("loss", 0.0)):
         sys.exit(f"train: the loss is {last['loss']} at step {last['global_step']} (the run diverged): lower "
                  f"train.learning_rate; see {LOGS / 'engine.log'}")
     skipped = engine.engine_skips((LOGS / "engine.log").read_text(encoding="utf-8", errors="replace"))

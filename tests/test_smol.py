@@ -161,3 +161,23 @@ def test_a_couple_of_lora_dpo_steps_on_real_long_pairs_cut_to_fit(smol_dir, tmp_
     assert [s["global_step"] for s in steps] == [1, 2] and all(np.isfinite(s["loss"]) for s in steps)
     assert engine.engine_skips((tmp_path / "engine.log").read_text()) == 0
     assert (tmp_path / "out/lora_config.json").exists()
+
+
+def test_the_training_benchmark_runs_the_projects_side_on_the_profiles_real_pairs(smol_dir, tmp_path):
+    """benchmarks/training.py as docs/benchmarks.md tells a user to run it (without the TRL peer, which CI does not
+    install): it once failed at an import before training anything, and no test noticed."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (tmp_path / "smollm2-135m").symlink_to(smol_dir)  # the script's cache layout: no second conversion
+    r = subprocess.run([sys.executable, "benchmarks/training.py", "--quick", "--modes", "lora", "--cache",
+                        str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    row = next(line for line in r.stdout.splitlines() if line.startswith("lora") and "this project" in line)
+    cols = re.split(r"\s{2,}", row.strip())
+    # mode, framework, s/step, loop s, wall s, peak RSS GB, loss step 1, loss last, steps, trainable params
+    assert float(cols[2]) > 0 and float(cols[5]) > 0.5 and cols[8] == "3"
+    assert 0 < float(cols[6]) < 20 and 0 < float(cols[7]) < 20
