@@ -52,17 +52,6 @@ ROOT = Path(__file__).resolve().parents[1]  # ernie_dpo itself comes from the in
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def smol_dir(cache):
-    """SmolLM2-135M converted once into a cache folder (the base_model stage's conversion; generation.py shares it)."""
-    from ernie_dpo import engine, gguf_model
-
-    d = Path(cache) / "smollm2-135m"
-    if not (d / "config.json").exists():
-        gguf_model.convert("smollm2-135m", d)
-        engine.prepare_model_dir(d, "cpu")
-    return d
-
-
 def smol_settings():
     """The smol profile's parameters: conf/config.yaml with conf/profile/smol.yaml on top (as Hydra composes them)."""
     def merge(a, b):
@@ -205,6 +194,8 @@ def main():
     threads = len(os.sched_getaffinity(0))
     from paddleformers.transformers import AutoTokenizer
     from tabulate import tabulate
+
+    from generation import smol_dir  # benchmarks/ is this script's own directory (as in profile_decode.py)
 
     from ernie_dpo.data import sample_down
 
