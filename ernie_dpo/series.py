@@ -99,6 +99,16 @@ def plan(counts, global_batch_size, warmup_steps):
     }
 
 
+def basis(params):
+    """The workspace values the plan was computed from. Each experiment is composed afresh from conf/ + its profile
+    (Hydra), so a value set in the workspace with `dvc exp run -S train.global_batch_size=1 ...` would otherwise be
+    back at the profile's value in the experiments -- steps planned for batch 1, trained at batch 4. Every experiment
+    carries them explicitly."""
+    t, s = params["train"], params["trainset"]
+    return {"train.global_batch_size": t["global_batch_size"], "trainset.baseline_tolerance": s["baseline_tolerance"],
+            "trainset.eval_pairs": s["eval_pairs"], "trainset.seed": s["seed"]}
+
+
 def overrides(params):
     """`-S key=value` arguments, in a stable order."""
     out = []
@@ -329,7 +339,8 @@ def main(argv=None):
     counts = count_pairs(pool, baseline_mean, params["trainset"]["baseline_tolerance"],
                          params["trainset"]["eval_pairs"], params["trainset"]["seed"])
     t = params["train"]
-    experiments = plan(counts, t["global_batch_size"], t["warmup_steps"])
+    experiments = {name: {**p, **basis(params)}
+                   for name, p in plan(counts, t["global_batch_size"], t["warmup_steps"]).items()}
     log.info("profile %s: pool of %d pairs outside the test set; near-baseline %d, ratio>=1.2 %d, ratio>=2 %d; "
              "global batch %d", profile, len(pool), counts["near_baseline"], counts["ratio_1.2"], counts["ratio_2"],
              t["global_batch_size"])

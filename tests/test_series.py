@@ -153,6 +153,12 @@ def test_series_gpus_dry_run_prints_waves_whose_commands_parse_and_compose(run_s
 
     run_stage("prepare")
     run_stage("testset")
+    # the workspace's batch differs from the demo profile's (as after `dvc exp run -S train.global_batch_size=3`):
+    # the steps are planned for it, so every experiment must train with it, not with the profile's value
+    params = yaml.safe_load((run_stage.root / "params.yaml").read_text())
+    assert params["train"]["global_batch_size"] != 3
+    params["train"]["global_batch_size"] = 3
+    (run_stage.root / "params.yaml").write_text(yaml.safe_dump(params))
     git_commit_all(run_stage.root)
     r = subprocess.run([ERNIE_DPO, "series", "--gpus", "0,1,2", "--dry"], cwd=run_stage.root, env=venv_env(),
                        capture_output=True, text=True)
@@ -169,7 +175,11 @@ def test_series_gpus_dry_run_prints_waves_whose_commands_parse_and_compose(run_s
         sets = [argv[i + 1] for i, a in enumerate(argv) if a == "-S"]
         out = tmp_path / f"{argv[argv.index('-n') + 1]}.yaml"
         compose_and_dump(out, str(run_stage.root / "conf"), None, "config", str(run_stage.root), sets)
-        assert yaml.safe_load(out.read_text())["engine"]["devices"] == devices  # a string, as params.py requires
+        composed = yaml.safe_load(out.read_text())
+        assert composed["engine"]["devices"] == devices  # a string, as params.py requires
+        assert composed["train"]["global_batch_size"] == 3
+        for key in ("baseline_tolerance", "eval_pairs", "seed"):
+            assert composed["trainset"][key] == params["trainset"][key]
     bad = subprocess.run([ERNIE_DPO, "series", "--gpus", "0,1", "--jobs", "3", "--dry"], cwd=run_stage.root,
                          env=venv_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "--gpus already runs one experiment per group" in bad.stderr
