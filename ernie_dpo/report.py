@@ -6,6 +6,7 @@ exp0 (the base model) is not an experiment of its own: every experiment carries 
 stages before trainset do not change between them), and the report checks that they agree.
 """
 import argparse
+import json
 import math
 import subprocess
 import sys
@@ -31,6 +32,16 @@ RECIPE = [
 HEADERS = ["Experiment", "Training set", "Training parameters", "↓ mean length", "↓ median length",
            "Δ mean [95% CI]", "Δ median [95% CI]", "held-out reward acc.", "probe median while training",
            "probes passed", "retention"]
+
+
+# The recipe's questions, each answered by comparing two experiments' replies to the same test prompts: (later,
+# earlier, question). The recipe's answer is the sign of its own difference (RECIPE rows, later - earlier).
+QUESTIONS = [
+    ("exp2", "exp1", "≥ 1.2× pairs vs near-baseline pairs, same size and steps: shorter?"),
+    ("exp3", "exp2", "≥ 2× pairs, one epoch, vs ≥ 1.2×: longer?"),
+    ("exp3", "exp0", "≥ 2× pairs, one epoch, vs the base model: longer?"),
+    ("exp4", "exp3", "≥ 2× pairs: twice the steps, 10% warmup, vs one epoch: shorter?"),
+]
 
 
 class ReportError(ValueError):
@@ -124,7 +135,45 @@ def table(rows, names):
     return out, problems, first
 
 
-def render(rows, names, short_sha=lambda rev: str(rev)[:7]):
+def verdict(recipe_delta, low, high):
+    """Does our interval agree with the recipe's direction? Only an interval that excludes 0 decides."""
+    if low <= 0 <= high:
+        return "undecided (interval includes 0)"
+    return "replicates" if (low > 0) == (recipe_delta > 0) else "opposite of the recipe"
+
+
+def compare(lengths, n_resamples, seed):
+    """The recipe's QUESTIONS on per-prompt reply lengths {"exp0": baseline chars, "exp1": tuned chars, ...}, all in
+    the test set's order: later - earlier with the paired bootstrap of the evaluate stage (same prompts, same
+    per-prompt seeds), and whether it agrees with the recipe. Questions whose experiments are missing are skipped."""
+    from .stats import bootstrap_delta
+
+    recipe = {r[0]: (r[3], r[4]) for r in RECIPE}
+    out = []
+    for later, earlier, question in QUESTIONS:
+        if later not in lengths or earlier not in lengths:
+            continue
+        row = {"later": later, "earlier": earlier, "question": question}
+        for k, stat in enumerate(("mean", "median")):
+            d, lo, hi = bootstrap_delta(lengths[earlier], lengths[later], stat, n_resamples, seed)
+            theirs = round(recipe[later][k] - recipe[earlier][k], 1)
+            row[stat] = {"delta": round(d, 2), "ci_low": round(lo, 2), "ci_high": round(hi, 2),
+                         "recipe_delta": theirs, "verdict": verdict(theirs, lo, hi)}
+        out.append(row)
+    return out
+
+
+def render_comparisons(comparisons):
+    body = [[f"{c['later']} − {c['earlier']}", c["question"]]
+            + [f"{c[s]['delta']:+.1f} [{c[s]['ci_low']:+.1f}, {c[s]['ci_high']:+.1f}] vs {c[s]['recipe_delta']:+.1f}: "
+               f"{c[s]['verdict']}" for s in ("mean", "median")] for c in comparisons]
+    return ["", "The recipe's questions (Δ = the later experiment's replies − the earlier one's, same prompts, 95% "
+            "paired bootstrap interval, vs the recipe's own difference on ERNIE-4.5-0.3B):", "",
+            tabulate(body, headers=["Comparison", "Question", "Δ mean [95% CI] vs recipe",
+                                    "Δ median [95% CI] vs recipe"], tablefmt="github", disable_numparse=True)]
+
+
+def render(rows, names, short_sha=lambda rev: str(rev)[:7], comparisons=None):
     """metrics/report.md as text; short_sha turns exp_show's revs (a branch name for HEAD) into commits."""
     body, problems, first = table(rows, names)
     commits = sorted({short_sha(r["baseline_rev"]) for r in find(rows, names).values()})
@@ -152,6 +201,8 @@ def render(rows, names, short_sha=lambda rev: str(rev)[:7]):
         "- probes passed: share of forgetting-probe replies whose check passes (name recall, facts, arithmetic, "
         "format; data/probes/probes.jsonl); retention = tuned / baseline pass rate (1.00 = nothing forgotten).",
     ]
+    if comparisons:
+        lines += render_comparisons(comparisons)
     if problems:
         lines += ["", "Missing:"] + [f"- {p}" for p in problems]
     lines += ["", "For comparison, the original recipe on ERNIE-4.5-0.3B (200 prompts; its numbers, not produced here):",
@@ -191,6 +242,28 @@ Every number comes from `dvc.api.exp_show()` (what `dvc exp show` prints); nothi
 Writes metrics/report.md, metrics/plots/experiments.json (declared under plots: in dvc.yaml) and
 metrics/plots/experiments.png.
 """
+
+
+def reply_lengths(rev):
+    """(baseline chars, tuned chars) per test prompt of one experiment: its git-tracked
+    metrics/plots/reply_lengths.json (evaluate_tuned), read from the experiment's own commit."""
+    r = subprocess.run(["git", "show", f"{rev}:metrics/plots/reply_lengths.json"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ReportError(f"cannot read metrics/plots/reply_lengths.json of experiment commit {rev}: {r.stderr.strip()}")
+    rows = json.loads(r.stdout)
+    return [x["baseline_chars"] for x in rows], [x["tuned_chars"] for x in rows]
+
+
+def lengths_of(found):
+    """{"exp0": baseline chars, name: tuned chars, ...} for the found experiments, refusing experiments whose
+    baseline replies differ (another test set or model: no paired comparison is possible)."""
+    out = {}
+    for name, r in found.items():
+        base, tuned = reply_lengths(r["rev"])
+        if out.setdefault("exp0", base) != base:
+            raise ReportError(f"{name}: its baseline replies differ from the other experiments'; cannot compare")
+        out[name] = tuned
+    return out
 
 
 def short_sha(rev):
@@ -236,13 +309,17 @@ def main(argv=None):
     try:
         found = find(rows, args.names)
         shas = {r["baseline_rev"]: short_sha(r["baseline_rev"]) for r in found.values()}
-        text = render(rows, args.names, shas.get)
+        first = next(iter(found.values()), {})
+        comparisons = (compare(lengths_of(found), int(first["evaluate.bootstrap_samples"]), int(first["evaluate.seed"]))
+                       if found else [])
+        text = render(rows, args.names, shas.get, comparisons)
     except ReportError as e:
         sys.exit(f"report: {e}")
     Path(args.out).write_text(text, encoding="utf-8")
     # the rows the report was made from: report.md is render() of exactly these (tests/test_series.py checks it)
     write_json(Path(args.out).with_suffix(".json"), {"names": args.names, "shas": shas,
-                                                     "rows": [found[n] for n in args.names if n in found]})
+                                                     "rows": [found[n] for n in args.names if n in found],
+                                                     "comparisons": comparisons})
     data = bar_data(rows, args.names)
     write_json("metrics/plots/experiments.json", data)
     model = next(found[n]["model.name_or_path"] for n in args.names if n in found)  # the rows reported, not others

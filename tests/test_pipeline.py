@@ -228,6 +228,16 @@ def test_series_runs_exp1_to_exp4_and_the_report_matches_dvc_exp_show(repo):
         assert rows[n][10] == (f"{retention:.2f}" if retention is not None else "—")
         assert rows[n][7] == f"{m[n]['dpo.heldout.rewards_accuracies']:.2f}"  # held-out reward accuracy
         assert f"{int(m[n]['trainset.pairs'])} pairs" in rows[n][1]
+    # the recipe's questions: each experiment's per-prompt replies against another's; the mean's point estimate is
+    # the difference of the two tuned means dvc exp show has (each rounded to 0.01 there)
+    questions = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                               for line in report.split("The recipe's questions")[1].splitlines()
+                                               if line.startswith("| exp"))}
+    assert list(questions) == ["exp2 − exp1", "exp3 − exp2", "exp3 − exp0", "exp4 − exp3"]
+    for later, earlier in (("exp2", "exp1"), ("exp3", "exp2"), ("exp4", "exp3")):
+        shown = float(questions[f"{later} − {earlier}"][2].split(" [")[0])
+        assert abs(shown - (m[later]["tuned.chars_mean"] - m[earlier]["tuned.chars_mean"])) <= 0.06, questions
+    assert float(questions["exp3 − exp0"][2].split(" [")[0]) == pytest.approx(m["exp3"]["delta.chars_mean"], abs=0.06)
     for png in ("experiments.png", "dpo_curves.png", "reply_lengths.png"):
         assert (repo / "metrics/plots" / png).read_bytes()[:4] == b"\x89PNG"
 

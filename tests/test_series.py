@@ -11,7 +11,7 @@ import yaml
 from conftest import venv_env
 
 from ernie_dpo import series
-from ernie_dpo.report import ReportError, render, table
+from ernie_dpo.report import ReportError, compare, render, table
 from ernie_dpo.series import count_pairs, plan
 
 
@@ -103,6 +103,30 @@ def test_the_newest_commit_s_experiment_wins():
             {"typ": "baseline", "rev": "old"}, row("exp2", 80.0, 70.0)]
     body, _, _ = table(rows, ["exp2"])
     assert body[1][3] == "50.0"
+
+
+def test_the_recipe_questions_are_paired_comparisons_with_a_verdict_only_when_the_interval_excludes_zero():
+    base = [50 + 37 * (k % 7) for k in range(40)]  # varied lengths, as real replies are
+    lengths = {"exp0": base, "exp1": base, "exp2": [x - 20 for x in base], "exp3": [x - 20 for x in base],
+               "exp4": [x + 30 for x in base]}
+    c = {(r["later"], r["earlier"]): r for r in compare(lengths, 500, 0)}
+    assert list(c) == [("exp2", "exp1"), ("exp3", "exp2"), ("exp3", "exp0"), ("exp4", "exp3")]
+    # exp2 is 20 chars shorter than exp1 on every prompt: the interval is exactly that; the recipe's exp2 was shorter
+    assert c["exp2", "exp1"]["mean"] == {"delta": -20.0, "ci_low": -20.0, "ci_high": -20.0, "recipe_delta": -14.8,
+                                         "verdict": "replicates"}
+    assert c["exp2", "exp1"]["median"]["recipe_delta"] == -88.0
+    assert c["exp3", "exp2"]["mean"]["verdict"] == "undecided (interval includes 0)"  # identical replies
+    # exp3 vs the base model: shorter here; the recipe's mean got longer (+256.3) but its median shorter (-103.0)
+    assert c["exp3", "exp0"]["mean"]["verdict"] == "opposite of the recipe"
+    assert c["exp3", "exp0"]["median"]["verdict"] == "replicates"
+    assert c["exp4", "exp3"]["mean"]["delta"] == 50.0 and c["exp4", "exp3"]["mean"]["verdict"] == "opposite of the recipe"
+    # an experiment that did not run: its questions are left out, not answered
+    assert [(r["later"], r["earlier"]) for r in compare({k: lengths[k] for k in ("exp0", "exp2", "exp3")}, 100, 0)] \
+        == [("exp3", "exp2"), ("exp3", "exp0")]
+    text = render([row("exp2", 80.0, 50.0), row("exp4", 40.0, 30.0)], ["exp2", "exp4"],
+                  comparisons=compare(lengths, 500, 0))
+    assert "| exp2 − exp1 | ≥ 1.2× pairs vs near-baseline pairs, same size and steps: shorter? | " \
+           "-20.0 [-20.0, -20.0] vs -14.8: replicates |" in " ".join(text.split())  # tabulate pads the cells
 
 
 def test_report_refuses_experiments_with_different_baselines():
@@ -247,4 +271,5 @@ def test_the_committed_report_is_rendered_from_its_own_rows():
     from ernie_dpo.report import render
 
     saved = json.loads((ROOT / "metrics/report.json").read_text())
-    assert render(saved["rows"], saved["names"], saved["shas"].get) == (ROOT / "metrics/report.md").read_text()
+    assert render(saved["rows"], saved["names"], saved["shas"].get, saved.get("comparisons")) == \
+        (ROOT / "metrics/report.md").read_text()
