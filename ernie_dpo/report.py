@@ -238,7 +238,9 @@ REPORT_HELP = """Write metrics/report.md (the recipe's table) and the cross-expe
     ernie-dpo report                      # exp1..exp4 (the newest of each name, last 10 commits)
     ernie-dpo report --names exp2 exp4    # any experiments, in this order
 
-Every number comes from `dvc.api.exp_show()` (what `dvc exp show` prints); nothing is recomputed here.
+The table's numbers come from `dvc.api.exp_show()` (what `dvc exp show` prints), nothing recomputed; the
+recipe's questions (exp2 - exp1, exp3 - exp2, exp3 - exp0, exp4 - exp3) are paired bootstrap intervals on the
+experiments' per-prompt reply lengths (metrics/plots/reply_lengths.json in each experiment's commit).
 Writes metrics/report.md, metrics/plots/experiments.json (declared under plots: in dvc.yaml) and
 metrics/plots/experiments.png.
 """
@@ -314,9 +316,10 @@ def main(argv=None):
     try:
         found = find(rows, args.names)
         shas = {r["baseline_rev"]: short_sha(r["baseline_rev"]) for r in found.values()}
-        first = next(iter(found.values()), {})
-        comparisons = (compare(lengths_of(found), int(first["evaluate.bootstrap_samples"]), int(first["evaluate.seed"]))
-                       if found else [])
+        comparisons = []
+        if found:  # else render() below says that none was found
+            first = next(iter(found.values()))
+            comparisons = compare(lengths_of(found), int(first["evaluate.bootstrap_samples"]), int(first["evaluate.seed"]))
         text = render(rows, args.names, shas.get, comparisons)
     except ReportError as e:
         sys.exit(f"report: {e}")
