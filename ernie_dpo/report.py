@@ -178,12 +178,13 @@ def render(rows, names, short_sha=lambda rev: str(rev)[:7], comparisons=None):
     body, problems, first = table(rows, names)
     commits = sorted({short_sha(r["baseline_rev"]) for r in find(rows, names).values()})
     model = first.get("model.name_or_path")
-    label = ("the tiny demo model built offline (0.5 M parameters), NOT ERNIE-4.5-0.3B"
-             if model == "tiny" else model)
+    label = {"tiny": "the tiny demo model built offline (0.5 M parameters), NOT ERNIE-4.5-0.3B",
+             "smollm2-135m": "SmolLM2-135M (4-bit GGUF dequantized), NOT ERNIE"}.get(model, model)
     lines = [
         "# DPO experiments: reply length on the test set",
         "",
-        f"Model: **{label}**. Test set: {int(first['baseline.replies'])} prompts; reply lengths in characters "
+        f"Model: **{label}**. Data: `{first.get('data.raw_path')}`. "
+        f"Test set: {int(first['baseline.replies'])} prompts; reply lengths in characters "
         f"(lower is better, ↓). Sampling: top_p {first['infer.top_p']:g}, temperature {first['infer.temperature']:g}, "
         f"max_dec_len {int(first['infer.max_dec_len'])}.",
         f"Built by `ernie-dpo report` from `dvc exp show` (experiments of commit {', '.join(commits)}); "

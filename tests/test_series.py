@@ -58,6 +58,7 @@ def test_counts_use_string_lengths(sample_records):
 
 def row(name, mean, median, **extra):
     r = {"Experiment": name, "typ": "branch_commit", "rev": "abc", "model.name_or_path": "tiny",
+         "data.raw_path": "data/sample/dpo_sample.jsonl",
          "baseline.chars_mean": 93.2, "baseline.chars_median": 76.0, "baseline.replies": 60, "infer.top_p": 0.7,
          "infer.temperature": 0.7, "infer.max_dec_len": 160, "evaluate.bootstrap_samples": 2000,
          "trainset.strategy": "ratio", "trainset.min_ratio": 1.2, "trainset.baseline_tolerance": 0.3,
@@ -80,6 +81,7 @@ def test_report_rows_follow_the_recipe_layout_and_name_what_is_missing():
     text = render([{"typ": "baseline", "rev": "abc1234ffff"}] + rows, ["exp2", "exp4"])
     assert "experiments of commit abc1234" in text
     assert "tiny demo model" in text and "| exp4 " in text and "888.8" in text  # recipe reference shown apart
+    assert "Data: `data/sample/dpo_sample.jsonl`" in text  # every number says which model and which data
     for published in ("888.8", "879.5", "864.7", "1145.1", "628.1", "| 515 ", "| 442 ", "| 354 ", "| 412 ", "| 331 "):
         assert published in text, published  # all five recipe rows, as published
 
