@@ -336,11 +336,12 @@ def main(argv=None):
     except (DataError, FileNotFoundError) as e:
         sys.exit(f"series: {e} (run `dvc repro evaluate_baseline` first)")
     baseline_mean = read_json("metrics/baseline.json")["baseline"]["chars_mean"]
-    counts = count_pairs(pool, baseline_mean, params["trainset"]["baseline_tolerance"],
-                         params["trainset"]["eval_pairs"], params["trainset"]["seed"])
+    b = basis(params)  # what the plan is computed from is what every experiment is given
+    counts = count_pairs(pool, baseline_mean, b["trainset.baseline_tolerance"], b["trainset.eval_pairs"],
+                         b["trainset.seed"])
     t = params["train"]
-    experiments = {name: {**p, **basis(params)}
-                   for name, p in plan(counts, t["global_batch_size"], t["warmup_steps"]).items()}
+    experiments = {name: {**p, **b}
+                   for name, p in plan(counts, b["train.global_batch_size"], t["warmup_steps"]).items()}
     log.info("profile %s: pool of %d pairs outside the test set; near-baseline %d, ratio>=1.2 %d, ratio>=2 %d; "
              "global batch %d", profile, len(pool), counts["near_baseline"], counts["ratio_1.2"], counts["ratio_2"],
              t["global_batch_size"])
