@@ -3,6 +3,7 @@
     python benchmarks/generation.py                          # tiny demo model (models/base) + SmolLM2-135M
     python benchmarks/generation.py --peer-python /path/to/peer-venv/bin/python    # + transformers, same run
     python benchmarks/generation.py --models smol --quick    # fewer prompts
+    python benchmarks/generation.py --models smol --modes sampling --generate-prompts 0 --no-memory --peer-python ...
 
 The peer venv: python3 -m venv peer && peer/bin/pip install -r benchmarks/requirements-peer.txt (torch CPU +
 transformers; never part of the main install). Both frameworks get the same token ids (the model's own chat
@@ -167,8 +168,10 @@ def main():
     ap.add_argument("--prompts-from", choices=["real", "sample"], default="real")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--max-new", type=int, default=128)
+    ap.add_argument("--modes", nargs="+", default=["sampling", "forced"], choices=["sampling", "forced"])
     ap.add_argument("--quick", action="store_true", help="8 prompts, 64 new tokens, no memory check")
     ap.add_argument("--memory-only", action="store_true", help="only the peak-RSS check")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS check")
     ap.add_argument("--generate-prompts", type=int, default=8,
                     help="prompts for the PaddleFormers model.generate row (forced, 64 new tokens; it is slow); 0: skip")
     ap.add_argument("--cache", default=str(ROOT / ".bench_cache"), help="where the converted SmolLM2 is kept")
@@ -192,8 +195,8 @@ def main():
         label = {"tiny": "tiny ERNIE-4.5 demo model (0.5 M)", "smol": "SmolLM2-135M (4-bit GGUF dequantized, fp32)"}[name]
         print(f"{label}: {len(prompts)} prompts of {lens[0]}-{lens[-1]} tokens (median {lens[len(lens) // 2]}), "
               f"max_new_tokens {args.max_new}", flush=True)
-        for forced in (False, True):
-            mode = "forced" if forced else "sampling"
+        for mode in args.modes:
+            forced = mode == "forced"
             figures = {}
             for batch in args.batches:
                 o = ours(d, prompts, batch, args.max_new, forced)
@@ -201,6 +204,11 @@ def main():
                 if args.peer_python:
                     figures[("transformers", batch)] = peer(args.peer_python, d, ids, stops, batch, args.max_new,
                                                             forced, o["threads"])
+                for fw in ("ours", "transformers"):  # as measured, so a long run shows its progress
+                    if (fw, batch) in figures:
+                        f = figures[(fw, batch)]
+                        print(f"  {name} {fw} {mode} batch {batch}: {f['tokens']} new tokens in {f['seconds']:.1f} s "
+                              f"= {f['tokens'] / f['seconds']:.1f} new tokens/s", flush=True)
             best = {}
             for fw in ("ours", "transformers"):
                 if (fw, args.batches[0]) not in figures:
@@ -232,7 +240,7 @@ def main():
           f"Python {platform.python_version()}")
     print(tabulate(rows, headers=["model", "framework", "mode", "batch", "replies/s", "new tokens/s", "seconds",
                                   "new tokens"]))
-    if not args.quick:
+    if not (args.quick or args.no_memory):
         # tiny: 25 vs 100 prompts x 64 new tokens; smol: 25 vs 100 prompts x 8 new tokens (prefill of every prompt,
         # the memory-hungry part, at a CPU cost that fits a benchmark run)
         mem = [[name, n, new, f"{peak_rss(d, n, new):.2f} GB"] for name, d in dirs.items()

@@ -30,7 +30,7 @@ def load_model(model_dir, device, devices="0"):
     paddle.set_device(engine.inference_device(device, devices))
     threads = engine.use_all_cpu_cores() if device == "cpu" else None
     if device == "cpu":
-        fast_cpu.install()  # cheaper RMSNorm and rotary embedding (the fused kernels are GPU-only)
+        fast_cpu.install(inference=True)  # cheaper RMSNorm and rotary embedding (the fused kernels are GPU-only)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")
     dtype = engine.inference_dtype(device)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)

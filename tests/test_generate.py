@@ -103,3 +103,32 @@ def test_each_block_of_the_mask_is_expanded_once_per_forward_pass():
     assert a is b and a.shape == [2, 2, 15, 6]
     other = paddle.zeros([2, 1, 5, 8])  # the next forward pass
     assert decode._expanded_mask(other[:, :, :, :6], other, 0, 5, 6, 2, 3) is not a
+
+
+def test_the_inference_only_layers_give_the_engines_numbers(lm, tests):
+    """fast_cpu's inference paths (fused RMSNorm, rotary with cos / sin expanded once per pass) run only where no
+    gradient is recorded; with gradients on, the same call is the engine's own layers. Both give the same numbers."""
+    import paddle
+    from paddleformers.transformers.ernie4_5 import modeling as ernie
+    from paddleformers.transformers.llama import modeling as llama
+
+    from ernie_dpo import fast_cpu
+
+    assert fast_cpu._inference  # LocalModel installed them
+    rng = np.random.default_rng(0)
+    q, k = (paddle.to_tensor(rng.standard_normal(s).astype("float32")) for s in ([2, 4, 7, 16], [2, 2, 7, 16]))
+    cos, sin = (paddle.to_tensor(rng.standard_normal([2, 7, 16]).astype("float32")) for _ in range(2))
+    for module in (ernie, llama):  # interleaved and half-split rotary layouts
+        own = module.apply_rotary_pos_emb(q, k, cos, sin)  # gradients on: the module's own function
+        with paddle.no_grad():
+            fast = module.apply_rotary_pos_emb(q, k, cos, sin)
+            again = module.apply_rotary_pos_emb(q * 2, k, cos, sin)  # same pass (same cos): expansion reused
+        for a, b in zip(own, fast):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(again[0].numpy(), 2 * fast[0].numpy(), rtol=1e-5, atol=1e-5)
+    ids = paddle.to_tensor([prompt_ids(lm.tokenizer, tests[0]["messages"])])
+    engine_logits = lm.model(input_ids=ids)
+    with paddle.no_grad():
+        fast_logits = lm.model(input_ids=ids)
+    get = lambda out: (out[0] if isinstance(out, tuple) else out.logits).numpy()  # noqa: E731
+    np.testing.assert_allclose(get(fast_logits), get(engine_logits), rtol=1e-4, atol=1e-4)
