@@ -6,7 +6,7 @@ issue 13). Where the time went, and what this module does instead:
   taken longest first (deterministic order), a finished reply frees its slot at once and the next prompt is
   prefilled on its own (no prompt is padded to another's length) and written INTO that slot, right-aligned at the
   batch's filled length (`admit`): no copy of the batch's cache. The cache is rebuilt (`combine`) only to grow it
-  (by CHUNK columns), to drop leading columns no running row needs (when a third of them are), and at the end;
+  (to CHUNK..2 CHUNK - 1 free columns), to drop leading columns no running row needs (when a third of them are), and at the end;
 - the KV cache grew by concatenation, copying the whole cache at every step of every layer; here K/V live in
   buffers and each step writes one column in place (`SlotCache`);
 - attention expanded K/V to every query head (`repeat_kv` copies the cache once per query head per step); here
@@ -180,7 +180,7 @@ def _causal_mask(q, t, dtype):
     reuse its expansion across the layers)."""
     import paddle
 
-    key = (q, t, str(dtype))
+    key = (q, t, str(dtype), str(paddle.get_device()))
     if key not in _CAUSAL:
         _CAUSAL.clear()
         allowed = np.tril(np.ones((q, t), dtype=bool), k=t - q)
@@ -192,16 +192,20 @@ def _causal_mask(q, t, dtype):
 def _expanded_mask(m, source, start, end, seen, hkv, rep):
     """Rows [start, end) and columns [0, seen) of the mask m [b, 1, q, t], tiled to the grouped scores' shape
     [b, hkv, rep * (end - start), seen]. Every layer of a forward pass gets the same mask tensor `source` (m is a new
-    slice of it in each layer, so the cache is keyed on source and the width t), so each block is expanded once per
-    pass (the cache holds the last pass only)."""
-    key = (source, m.shape[-1])
-    if _MASK.get("source") is None or _MASK["source"][0] is not source or _MASK["source"][1] != key[1]:
+    slice of it in each layer, so the cache is keyed on source, the width t and the head layout), so each block is
+    expanded once per pass (the cache holds the last pass only). The causal mask of a mask-less prefill is one cached
+    tensor per shape (_causal_mask): the same source then comes back in later passes, possibly of another model
+    (the benchmarks and the test session load several), hence hkv and rep in the key."""
+    key = (source, m.shape[-1], hkv, rep)
+    old = _MASK.get("source")
+    if old is None or old[0] is not source or old[1:] != key[1:]:
         _MASK.clear()
         _MASK["source"] = key
-    if start not in _MASK:
+    if (start, end, seen) not in _MASK:
         block = m[:, :, start:end, :seen]
-        _MASK[start] = block.unsqueeze(2).tile([1, hkv, rep, 1, 1]).reshape([m.shape[0], hkv, rep * (end - start), seen])
-    return _MASK[start]
+        _MASK[(start, end, seen)] = (block.unsqueeze(2).tile([1, hkv, rep, 1, 1])
+                                     .reshape([m.shape[0], hkv, rep * (end - start), seen]))
+    return _MASK[(start, end, seen)]
 
 
 def use_grouped_attention(model):
@@ -320,7 +324,7 @@ def admit(batch, slot, new, r, n_layers):
 
 def combine(parts, n_layers):
     """One Batch from several (rows kept from the running batch + newly prefilled ones): right-aligned at the
-    longest filled length, leading columns no row uses dropped, room for CHUNK more columns."""
+    longest filled length, leading columns no row uses dropped, room for CHUNK..2 CHUNK - 1 more columns (_round_up)."""
     import paddle
 
     parts = [p for p in parts if len(p)]

@@ -103,6 +103,12 @@ def test_each_block_of_the_mask_is_expanded_once_per_forward_pass():
     assert a is b and a.shape == [2, 2, 15, 6]
     other = paddle.zeros([2, 1, 5, 8])  # the next forward pass
     assert decode._expanded_mask(other[:, :, :, :6], other, 0, 5, 6, 2, 3) is not a
+    # the cached causal mask of a mask-less prefill comes back for another model with another head layout
+    causal = decode._causal_mask(5, 5, paddle.float32)
+    assert decode._causal_mask(5, 5, paddle.float32) is causal
+    first = decode._expanded_mask(causal, causal, 0, 5, 5, 2, 3)
+    second = decode._expanded_mask(causal, causal, 0, 5, 5, 3, 1)
+    assert first.shape == [1, 2, 15, 5] and second.shape == [1, 3, 5, 5]
 
 
 def test_the_inference_only_layers_give_the_engines_numbers(lm, tests):
