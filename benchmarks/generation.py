@@ -130,7 +130,7 @@ def encoded(model_dir, prompts):
     from ernie_dpo.tokens import prompt_ids
 
     lm = LocalModel(model_dir, "cpu")
-    return [prompt_ids(lm.tokenizer, p["messages"]) for p in prompts], sorted(lm.stops)
+    return [prompt_ids(lm.tokenizer, p["messages"]) for p in prompts], sorted(lm.stops), lm.max_len
 
 
 def peer(python, model_dir, prompt_ids, stops, batch, max_new, forced, threads):
@@ -188,18 +188,24 @@ def main():
         dirs["tiny"] = ROOT / "models/base"
     if "smol" in args.models:
         dirs["smol"] = smol_dir(args.cache)
-    rows = []
+    rows, fitting = [], {}  # fitting: the prompts each model's context holds
     for name, d in ({} if args.memory_only else dirs).items():
-        ids, stops = encoded(d, prompts)
+        ids, stops, max_len = encoded(d, prompts)
+        fit = [k for k, x in enumerate(ids) if not max_len or len(x) < max_len]
+        if len(fit) < len(ids):  # the tiny model's tokenizer makes a long real prompt longer than its context
+            print(f"{name}: {len(ids) - len(fit)} of {len(ids)} prompts are longer than its context of {max_len} "
+                  "tokens and are left out for this model", flush=True)
+        model_prompts, ids = [prompts[k] for k in fit], [ids[k] for k in fit]
+        fitting[name] = model_prompts
         lens = sorted(len(i) for i in ids)
         label = {"tiny": "tiny ERNIE-4.5 demo model (0.5 M)", "smol": "SmolLM2-135M (4-bit GGUF dequantized, fp32)"}[name]
-        print(f"{label}: {len(prompts)} prompts of {lens[0]}-{lens[-1]} tokens (median {lens[len(lens) // 2]}), "
+        print(f"{label}: {len(model_prompts)} prompts of {lens[0]}-{lens[-1]} tokens (median {lens[len(lens) // 2]}), "
               f"max_new_tokens {args.max_new}", flush=True)
         for mode in args.modes:
             forced = mode == "forced"
             figures = {}
             for batch in args.batches:
-                o = ours(d, prompts, batch, args.max_new, forced)
+                o = ours(d, model_prompts, batch, args.max_new, forced)
                 figures[("ours", batch)] = o
                 if args.peer_python:
                     figures[("transformers", batch)] = peer(args.peer_python, d, ids, stops, batch, args.max_new,
@@ -225,8 +231,8 @@ def main():
                 rows.append([name, "ratio of best new tokens/s, ours / transformers", mode, "", "", "", "",
                              f"{best['ours'] / best['transformers']:.2f}x"])
     if args.generate_prompts and not args.memory_only:
-        sub = prompts[:args.generate_prompts]
         for name, d in dirs.items():
+            sub = fitting[name][:args.generate_prompts]
             f = {b: paddleformers_generate(d, sub, b, 64) for b in (1, 8)}
             ours_f = {b: ours(d, sub, b, 64, True) for b in (1, 8)}
             for fw, fig in (("PaddleFormers model.generate (the code before)", f), ("this project, same subset", ours_f)):
