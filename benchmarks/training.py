@@ -68,6 +68,7 @@ def training_pairs(params, tokenizer):
     from ernie_dpo.data import (
         load_records,
         make_testset,
+        make_validation,
         pool_outside,
         prepare_records,
         sample_down,
@@ -78,6 +79,8 @@ def training_pairs(params, tokenizer):
     d, t, tr = params["data"], params["trainset"], params["train"]
     records, _, _ = prepare_records(load_records(ROOT / d["raw_path"]), params["prepare"]["max_chars"], d["format"])
     tests = make_testset(records, params["testset"]["size"], params["testset"]["seed"], params["testset"]["keep_system"])
+    tests += make_validation(records, tests, params["testset"]["validation_size"], params["testset"]["seed"],
+                             params["testset"]["keep_system"])
     pool, _, _ = pool_outside(records, tests)
     pairs = select_pairs(pool, "ratio", t["min_ratio"])  # near_baseline would need the baseline stage's replies
     pairs, _ = split_eval(pairs, t["eval_pairs"], t["seed"])

@@ -245,6 +245,26 @@ def make_testset(records, size, seed, keep_system):
     return [{"id": r["id"], "messages": to_messages(r, keep_system)} for r in picked]
 
 
+def make_validation(records, tests, size, seed, keep_system):
+    """`size` distinct prompts that are NOT test prompts, drawn with `seed`: the validation split.
+
+    The test set is for the final number only; anything that chooses a setting (the length probes while training,
+    the held-out likelihood) looks at these prompts instead. Each row is the prepared record (its chosen answer is
+    what the held-out likelihood scores) plus the prompt as `messages`, encoded as inference encodes a test prompt.
+    Training never sees them (trainset and base_model keep them out, as they keep the test prompts out).
+    """
+    if size == 0:
+        return []
+    test_keys = {prompt_key(r) for r in records if r["id"] in {t["id"] for t in tests}}
+    distinct = list({prompt_key(r): r for r in reversed(records) if prompt_key(r) not in test_keys}.values())[::-1]
+    if size > len(distinct):
+        raise DataError(f"testset.validation_size is {size} but only {len(distinct)} distinct prompts are left "
+                        f"outside the {len(tests)} test prompts; lower it (e.g. -S testset.validation_size="
+                        f"{max(0, len(distinct) // 4)})")
+    picked = random.Random(seed).sample(distinct, size)
+    return [{**r, "messages": to_messages(r, keep_system)} for r in picked]
+
+
 # ---------------------------------------------------------------- training set
 
 
@@ -254,7 +274,8 @@ def training_pool(records, test_ids, test_prompt_keys):
 
 
 def pool_outside(records, tests):
-    """(pool, test ids, test prompt keys): the records that share neither id nor prompt with the test set."""
+    """(pool, test ids, test prompt keys): the records that share neither id nor prompt with `tests` (the test set
+    and the validation split: pass both)."""
     by_id = {r["id"]: r for r in records}
     test_ids = {t["id"] for t in tests}
     missing = test_ids - by_id.keys()

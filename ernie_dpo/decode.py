@@ -497,3 +497,19 @@ def generate(model, prompts, seeds, stop_ids, max_new_tokens, temperature, top_p
             elif batch.first_used_column() > max(2 * CHUNK, batch.cache.capacity // 3):
                 batch = combine([batch], n_layers)  # a third of the columns no running row needs any more
     return results
+
+
+def answer_logps(model, prompt_ids, answer_ids):
+    """Sum and count of log p(answer token | everything before it) under `model` (a causal LM, eval mode)."""
+    import paddle
+
+    ids = list(prompt_ids) + list(answer_ids)
+    with paddle.no_grad():
+        hidden = model.model(input_ids=paddle.to_tensor([ids]), return_dict=True).last_hidden_state
+        # logits only where an answer token is predicted: positions len(prompt) - 1 ... len(ids) - 2
+        h = hidden[:, len(prompt_ids) - 1:len(ids) - 1, :]
+        logits = model.lm_head(h).astype("float32")[0]
+        # log-softmax as logits - logsumexp: Paddle 3.3's CPU log_softmax kernel took 135 s for [444, 49152]
+        logp = logits - paddle.logsumexp(logits, axis=-1, keepdim=True)
+        picked = paddle.take_along_axis(logp, paddle.to_tensor(np.asarray(answer_ids, dtype="int64")[:, None]), 1)
+    return float(picked.sum()), len(answer_ids)

@@ -17,20 +17,9 @@ OFF_POLICY_LOGP = 1.0  # rejected answers >= 1 nat/token less likely than the mo
 LENGTH_RATIO = (0.5, 2.0)  # rejected answers' mean length outside [0.5, 2] x the model's own replies'
 
 
-def answer_logps(model, prompt_ids, answer_ids):
-    """Sum and count of log p(answer token | everything before it) under `model` (a causal LM, eval mode)."""
-    import paddle
-
-    ids = list(prompt_ids) + list(answer_ids)
-    with paddle.no_grad():
-        hidden = model.model(input_ids=paddle.to_tensor([ids]), return_dict=True).last_hidden_state
-        # logits only where an answer token is predicted: positions len(prompt) - 1 ... len(ids) - 2
-        h = hidden[:, len(prompt_ids) - 1:len(ids) - 1, :]
-        logits = model.lm_head(h).astype("float32")[0]
-        # log-softmax as logits - logsumexp: Paddle 3.3's CPU log_softmax kernel took 135 s for [444, 49152]
-        logp = logits - paddle.logsumexp(logits, axis=-1, keepdim=True)
-        picked = paddle.take_along_axis(logp, paddle.to_tensor(np.asarray(answer_ids, dtype="int64")[:, None]), 1)
-    return float(picked.sum()), len(answer_ids)
+# the forward pass that scores an answer lives with the other model passes (decode.answer_logps): the length probes
+# inside the training process use it too
+from .decode import answer_logps  # noqa: E402,F401
 
 
 def summarize(pairs, replies, rejected_chars, reply_chars):

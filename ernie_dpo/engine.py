@@ -271,6 +271,8 @@ def dpo_config(model, data_path, out_dir, device, p, e=None, eval_path=None):
         "loss_type": p["loss_type"],
         "beta": float(p["beta"]),
         "sft_loss_ratio": float(p.get("sft_loss_ratio", 0.0)),  # + ratio x NLL of the chosen answer (0: plain DPO)
+        # ERNIEKit's default (its DPOTrainingArguments), not PaddleFormers 1.2's (False): docs/erniekit_parity.md
+        "normalize_logps": bool(p.get("normalize_logps", True)),
     })
     if eval_path is not None:
         # the engine's own eval loop on held-out pairs: eval_loss, eval_rewards/{chosen,rejected,accuracies,margins},
@@ -282,8 +284,11 @@ def dpo_config(model, data_path, out_dir, device, p, e=None, eval_path=None):
     if e is not None:
         cfg.update(parallel_settings(device, e["devices"], e["nnodes"], int(p["global_batch_size"]),
                                      int(e["tensor_parallel"]), int(e["sharding_parallel"]), e["sharding_stage"]))
-    if eval_path is not None:  # after parallel_settings, which splits the global batch over the data ranks
-        cfg["per_device_eval_batch_size"] = cfg["per_device_train_batch_size"]
+    if eval_path is not None:
+        # one held-out pair per eval batch: the engine averages its eval metrics over batches, so a short last batch
+        # (19 pairs at batch 8: 8, 8, 3) would weigh its pairs 8/3 times as much as the others'. At batch 1 every
+        # eval_* value is the plain mean over the held-out pairs (each counted once: _each_pair_once)
+        cfg["per_device_eval_batch_size"] = 1
     if p["fine_tuning"] == "lora":
         cfg.update({"fine_tuning": "LoRA", "lora": True, "lora_rank": int(p["lora_rank"])})
     else:
@@ -411,7 +416,7 @@ def launch_command(command, cfg_path, device, devices="0", nnodes=1, env=None):
 
 
 # One logged training step, e.g. "loss: 0.6931, learning_rate: 1e-05, global_step: 3, rewards/chosen: 0.01, ..."
-_STEP = re.compile(r"(?:^|[\s,])(loss|learning_rate|global_step|rewards/\w+|logps/\w+|train_\w+|eval_\w+(?:/\w+)?|"
+_STEP = re.compile(r"(?:^|[\s,])(loss|\w+_loss|learning_rate|global_step|rewards/\w+|logps/\w+|train_\w+|eval_\w+(?:/\w+)?|"
                    r"interval_tokens_per_second_per_device): ?(-?[0-9.]+(?:e[-+]?\d+)?|-?nan|-?inf)")  # nan: a diverged run, kept
 
 
@@ -572,6 +577,37 @@ def _lora_evaluation_without_paddlefleet():
         trainer.GPTModel = type("GPTModelWithoutPaddlefleet", (), {})
 
 
+EVAL_PASS_MARK = "ERNIE_DPO_EVAL_PASS "  # one line per pass over the held-out pairs: how many the eval loop saw
+
+
+def _each_pair_once():
+    """PaddleFormers 1.2's DPO dataset (DPODataset._generate_sequences, no packing) yields the last pair of every
+    pass twice: after its loop, `if len(batch_sequence) > 0: yield batch_sequence` re-yields the list it yielded
+    last. In the eval loop that pair then weighs double in every eval_* value (with 5 held-out pairs and eval batch
+    4: [p1-p4], [p5, p5], and p5 is half of the second batch's mean); in training it is trained twice a pass.
+    Here a pass yields each sequence list once (the repeat is the same object), and a pass over held-out pairs
+    prints how many pairs it yielded, which the train stage checks against the held-out file."""
+    from paddleformers.datasets.DPODataset import BaseDPODataSet
+
+    original = BaseDPODataSet._generate_sequences
+    if getattr(original, "_ernie_dpo", False):
+        return
+
+    def generate(self):
+        last, pairs = None, 0
+        for batch in original(self):
+            if batch is last:
+                continue
+            last = batch
+            pairs += len(batch)
+            yield batch
+        if self.is_valid:
+            print(EVAL_PASS_MARK + json.dumps({"pairs": pairs}), flush=True)
+
+    generate._ernie_dpo, generate.original = True, original
+    BaseDPODataSet._generate_sequences = generate
+
+
 def _engine_main(argv):
     """Start the engine's launcher in this process: the CPU path of launch_command, and each GPU worker.
 
@@ -588,6 +624,7 @@ def _engine_main(argv):
        process there is nothing to distribute.
     4. On a CPU: every core, and the cheaper RMSNorm / rotary kernels (fast_cpu).
     5. Reply-length probes while training (length_probe), when the stage wrote their spec beside the YAML.
+    5b. Each pair once per pass (_each_pair_once), not the last one twice.
     6. A GPU worker (started by the launcher in a session of its own) dies with the launcher, as the launcher dies
        with the stage.
     """
@@ -600,6 +637,7 @@ def _engine_main(argv):
         if os.getppid() == 1:  # the launcher is already gone
             sys.exit("engine worker: the launcher that started this worker has exited")
     tokens.install_engine_hooks()
+    _each_pair_once()
     if argv[0] == "train":
         from ernie_dpo import length_probe
 

@@ -1,19 +1,25 @@
-"""Reply length WHILE DPO trains: every train.length_probe_steps steps (and at step 0) the current policy answers K
-fixed held-out prompts, and the run logs their mean / median reply length and cut share.
+"""Reply length and held-out likelihood WHILE DPO trains: at step 0, every train.length_probe_steps steps and at the
+last step, the current policy answers the validation prompts (testset.validation_size; never a test or training
+prompt) and scores their chosen answers.
 
 Why: the recipe's exp3 made replies LONGER (1145 vs 889 chars), and a user only learns that after the whole
 training plus a 200 x 8192-token inference. Here the curve shows it while training runs, and
-train.stop_if_longer stops a run whose replies grow (median above (1 + stop_if_longer) x step 0's for
-train.stop_if_longer_probes probes in a row), with the curve saved and a clear message.
+train.stop_if_longer stops a run whose replies grow, with the curve saved and a clear message.
 
-The prompts are the held-out eval pairs' (never a test or training prompt). Sampling is the recipe's (infer.top_p,
-infer.temperature) with each prompt's own fixed seed (decode.prompt_seed), the same seeds at every probe: the curve
-moves because the model does, not the dice. Replies are capped at train.length_probe_max_dec_len tokens (the cut
-share says how many reached it).
+Measured like the final evaluation, so that the two can be compared: each prompt is encoded whole exactly as the infer
+stage encodes a test prompt (tokens.prompt_ids, no cut), sampled with the recipe's top_p / temperature and each
+prompt's own fixed seed (decode.prompt_seed: the curve moves because the model does, not the dice), at
+infer.max_dec_len new tokens unless train.length_probe_max_dec_len sets a lower cap (the cut share says how many
+replies reached it). Each probe after step 0 carries the paired 95% bootstrap interval of its median minus step 0's
+(same prompts, same seeds), and train.stop_if_longer only acts on probes whose interval excludes 0.
+
+Held-out likelihood: the per-token negative log-likelihood of each validation prompt's CHOSEN answer under the policy
+(nats/token). Step 0's policy is the base model, so the last probe minus step 0 says whether the tuned model still
+predicts good answers it was not trained on (a model that only learned to apologise gets worse at it).
 
 How it runs: the train stage writes the probe spec next to the engine YAML (SPEC_NAME); the engine process
 (engine._engine_main) finds it and adds LengthProbe to the engine's trainer, which prints one line per probe
-(MARK + JSON); the stage turns them into a DVCLive curve. Rank 0 only on several GPUs; the stop decision is
+(MARK + JSON); the stage turns them into DVCLive curves. Rank 0 only on several GPUs; the stop decision is
 broadcast to every rank (unverified on a GPU: none was available to this project).
 """
 import json
@@ -24,12 +30,16 @@ MARK = "ERNIE_DPO_LENGTH_PROBE "
 STOP_MARK = "ERNIE_DPO_STOPPED_LONGER "
 
 
+BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED = 2000, 2025
+
+
 def write_spec(path, prompts, seeds, stop_ids, pad_id, every, max_new_tokens, temperature, top_p, batch_size,
-               stop_share, stop_probes):
-    """prompts: token id lists (the eval prompts, encoded as inference encodes them)."""
+               stop_share, stop_probes, scored=()):
+    """prompts: token id lists (the validation prompts, encoded as inference encodes them); scored: [prompt ids,
+    chosen answer ids] pairs whose per-token NLL each probe reports (the held-out likelihood)."""
     spec = {"prompts": prompts, "seeds": seeds, "stop_ids": sorted(stop_ids), "pad_id": pad_id, "every": every,
             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "batch_size": batch_size,
-            "stop_share": stop_share, "stop_probes": stop_probes}
+            "stop_share": stop_share, "stop_probes": stop_probes, "scored": [list(map(list, s)) for s in scored]}
     Path(path).write_text(json.dumps(spec) + "\n")
 
 
@@ -42,13 +52,25 @@ def summary(lengths_chars, tokens, finishes):
             "cut_share": round(sum(f == "length" for f in finishes) / len(finishes), 3)}
 
 
+def versus_start(first, now):
+    """Median reply chars of this probe minus step 0's, with its paired 95% bootstrap interval (same prompts, same
+    seeds: each resample keeps both replies of a prompt together, as the evaluate stage does)."""
+    from .bootstrap import bootstrap_delta
+
+    d, lo, hi = bootstrap_delta(first, now, "median", BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED)
+    return {"delta_chars_median": round(d, 1), "delta_chars_median_ci_low": round(lo, 1),
+            "delta_chars_median_ci_high": round(hi, 1)}
+
+
 def should_stop(history, share, probes):
-    """history: [(step, chars_median)], the first at step 0. True when the last `probes` probes all have a median
-    above (1 + share) x step 0's. share 0: never."""
+    """history: [(step, chars_median, ci_low)], the first at step 0 (ci_low: the low end of the paired interval of
+    the probe's median minus step 0's). True when the last `probes` probes all have a median above (1 + share) x
+    step 0's AND an interval entirely above 0: a growth the probe cannot tell from sampling noise stops nothing.
+    share 0: never."""
     if not share or len(history) < probes + 1:
         return False
     start = history[0][1]
-    return all(median > (1 + share) * start for _, median in history[-probes:])
+    return all(median > (1 + share) * start and low > 0 for _, median, low in history[-probes:])
 
 
 def causal_lm(model):
@@ -77,7 +99,7 @@ def make_callback(spec_path, tokenizer_dir):
 
     class LengthProbe(TrainerCallback):
         def __init__(self):
-            self.history = []
+            self.history, self.first = [], None
 
         def probe(self, step, model):
             lm = causal_lm(model)
@@ -89,6 +111,10 @@ def make_callback(spec_path, tokenizer_dir):
             try:
                 out = decode.generate(lm, spec["prompts"], spec["seeds"], spec["stop_ids"], spec["max_new_tokens"],
                                       spec["temperature"], spec["top_p"], spec["batch_size"], spec["pad_id"])
+                nll = []
+                for prompt, answer in spec["scored"]:
+                    total, n = decode.answer_logps(lm, prompt, answer)
+                    nll.append(round(-total / n, 5))
             finally:
                 for layer in lm.sublayers():
                     if id(layer) in saved:
@@ -97,10 +123,18 @@ def make_callback(spec_path, tokenizer_dir):
                 if was_training:
                     lm.train()
             replies = [tokenizer.decode(out[i][0], skip_special_tokens=True).strip() for i in range(len(out))]
-            s = {"step": step, **summary([len(r) for r in replies], [len(out[i][0]) for i in range(len(out))],
-                                         [out[i][1] for i in range(len(out))])}
+            chars = [len(r) for r in replies]
+            s = {"step": step, **summary(chars, [len(out[i][0]) for i in range(len(out))],
+                                         [out[i][1] for i in range(len(out))]),
+                 "chars": chars, "nll_per_token": nll}
+            if self.first is None:
+                self.first = chars
+            low = 0.0
+            if step > 0:
+                s.update(versus_start(self.first, chars))
+                low = s["delta_chars_median_ci_low"]
             print(MARK + json.dumps(s), flush=True)
-            self.history.append((step, s["chars_median"]))
+            self.history.append((step, s["chars_median"], low))
 
         def stop_everywhere(self, stop):
             """Rank 0 decides; every rank learns it (a rank that stops alone would hang the others)."""

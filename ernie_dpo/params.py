@@ -86,7 +86,7 @@ SCHEMA = {
     "prepare.max_chars": Int(1),
     "prepare.min_records": Int(1),
     "analyze.bins": Int(2),
-    "testset.size": Int(1), "testset.seed": Int(0), "testset.keep_system": Bool(),
+    "testset.size": Int(1), "testset.seed": Int(0), "testset.keep_system": Bool(), "testset.validation_size": Int(0),
     "model.name_or_path": Str(), "model.revision": Str(),
     "model.tiny.vocab_size": Int(300), "model.tiny.hidden_size": Int(8), "model.tiny.num_layers": Int(1),
     "model.tiny.num_heads": Int(1), "model.tiny.num_kv_heads": Int(1), "model.tiny.seed": Int(0),
@@ -111,10 +111,11 @@ SCHEMA = {
     "train.max_steps": Int(1), "train.warmup_steps": Int(0), "train.global_batch_size": Int(1),
     "train.learning_rate": Num(gt=0, lt=1), "train.fine_tuning": Choice("lora", "full"),
     "train.loss_type": Choice(*LOSS_TYPES), "train.beta": Num(gt=0), "train.sft_loss_ratio": Num(ge=0),
+    "train.normalize_logps": Bool(),
     "train.lora_rank": Int(1), "train.seed": Int(0), "train.max_seq_len": Int(8), "train.max_prompt_len": Int(1),
     "train.truncate": Bool(), "train.keep_chosen_end": Bool(), "train.max_skipped_share": Num(ge=0, le=1), "train.save_steps": Int(0),
-    "train.eval_steps": Int(0), "train.length_probe_steps": Int(0), "train.length_probe_prompts": Int(1),
-    "train.length_probe_max_dec_len": Int(1), "train.stop_if_longer": Num(ge=0), "train.stop_if_longer_probes": Int(1),
+    "train.eval_steps": Int(0), "train.length_probe_steps": Int(0), "train.length_probe_prompts": Int(0),
+    "train.length_probe_max_dec_len": Int(0), "train.stop_if_longer": Num(ge=0), "train.stop_if_longer_probes": Int(1),
     "evaluate.bootstrap_samples": Int(100), "evaluate.seed": Int(0),
 }
 
@@ -122,8 +123,9 @@ SCHEMA = {
 RELATIONS = [
     (lambda p: p["trainset"]["eval_pairs"] < 1 or float(p["trainset"]["eval_pairs"]).is_integer(),
      "trainset.eval_pairs ({trainset.eval_pairs}) must be a share below 1 or a whole count"),
-    (lambda p: not p["train"]["length_probe_steps"] or p["trainset"]["eval_pairs"] > 0,
-     "train.length_probe_steps ({train.length_probe_steps}) needs held-out prompts: set trainset.eval_pairs > 0"),
+    (lambda p: not p["train"]["length_probe_steps"] or p["testset"]["validation_size"] > 0,
+     "train.length_probe_steps ({train.length_probe_steps}) needs validation prompts: set testset.validation_size > 0 "
+     "(or train.length_probe_steps=0)"),
     (lambda p: not p["train"]["length_probe_steps"] or p["engine"]["tensor_parallel"] == 1,
      "train.length_probe_steps needs engine.tensor_parallel 1 (a probe generates on rank 0 with the whole model)"),
     (lambda p: p["train"]["max_prompt_len"] < p["train"]["max_seq_len"],

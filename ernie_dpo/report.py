@@ -31,7 +31,7 @@ RECIPE = [
 ]
 HEADERS = ["Experiment", "Training set", "Training parameters", "↓ mean length", "↓ median length",
            "Δ mean [95% CI]", "Δ median [95% CI]", "held-out reward acc.", "probe median while training",
-           "probes passed", "retention"]
+           "probes passed", "retention", "verdict"]
 
 
 # The recipe's questions, each answered by comparing two experiments' replies to the same test prompts: (later,
@@ -102,6 +102,23 @@ def training_params(r):
             f"batch {int(r['train.global_batch_size'])}, lr {r['train.learning_rate']:g}")
 
 
+def verdict_cell(r):
+    """stats.length_verdict on a row's delta.* (and, when a stage measured it, likelihood.*) metrics, with what
+    degraded it, or a note that the row's metrics predate the quality checks."""
+    from .stats import length_verdict
+
+    def part(prefix):
+        return {k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix)}
+
+    verdict, reasons = length_verdict(part("delta."), part("likelihood.") or None)
+    worse = [x.split(" [")[0] for x in reasons[1:] if not x.startswith("quality not checked")]
+    if verdict == "shorter but degraded":
+        return f"{verdict} ({', '.join(worse)})"
+    if any(x.startswith("quality not checked") for x in reasons):
+        return f"{verdict} (quality not checked)"
+    return verdict
+
+
 def table(rows, names):
     """(table rows, problems): exp0 from the shared baseline, then one row per named experiment in order."""
     found = find(rows, names)
@@ -116,7 +133,7 @@ def table(rows, names):
     first = next(iter(found.values()))
     out = [["exp0", "— (base model, no training)", "—", _fmt(first["baseline.chars_mean"]),
             _fmt(first["baseline.chars_median"]), "—", "—", "—", "—", _fmt(first.get("probes_baseline.pass_rate"), 2),
-            "—"]]
+            "—", "—"]]
     for n in names:
         if n not in found:
             out.append([n, "not run"] + ["—"] * (len(HEADERS) - 2))
@@ -130,7 +147,7 @@ def table(rows, names):
             (f"{_fmt(r.get('dpo.length_probe.step0_chars_median'), 0)} → "
              f"{_fmt(r.get('dpo.length_probe.final_chars_median'), 0)}"
              if _num(r.get("dpo.length_probe.final_chars_median")) else "—"),
-            _fmt(r.get("probes_tuned.pass_rate"), 2), _fmt(r.get("probes_tuned.retention"), 2),
+            _fmt(r.get("probes_tuned.pass_rate"), 2), _fmt(r.get("probes_tuned.retention"), 2), verdict_cell(r),
         ])
     return out, problems, first
 
@@ -145,32 +162,62 @@ def verdict(recipe_delta, low, high):
 def compare(lengths, n_resamples, seed):
     """The recipe's QUESTIONS on per-prompt reply lengths {"exp0": baseline chars, "exp1": tuned chars, ...}, all in
     the test set's order: later - earlier with the paired bootstrap of the evaluate stage (same prompts, same
-    per-prompt seeds), and whether it agrees with the recipe. Questions whose experiments are missing are skipped."""
-    from .stats import bootstrap_delta
+    per-prompt seeds), and whether it agrees with the recipe. Questions whose experiments are missing are skipped.
+
+    Power, from the same resamples: "{stat}_mde80", the smallest Δ these prompts detect at 80% power (two-sided
+    5%), and "{stat}_prompts_needed", how many test prompts would detect the recipe's own Δ that often
+    (stats.prompts_needed: n x (MDE / |recipe Δ|)^2, rounded up); "prompts" is n."""
+    from .stats import paired_delta, prompts_needed
 
     recipe = {r[0]: (r[3], r[4]) for r in RECIPE}
     out = []
     for later, earlier, question in QUESTIONS:
         if later not in lengths or earlier not in lengths:
             continue
-        row = {"later": later, "earlier": earlier, "question": question}
+        n = len(lengths[earlier])
+        row = {"later": later, "earlier": earlier, "question": question, "prompts": n}
         for k, stat in enumerate(("mean", "median")):
-            d, lo, hi = bootstrap_delta(lengths[earlier], lengths[later], stat, n_resamples, seed)
+            p = paired_delta(lengths[earlier], lengths[later], stat, n_resamples, seed)
+            d, lo, hi = p["delta"], p["ci_low"], p["ci_high"]
             theirs = round(recipe[later][k] - recipe[earlier][k], 1)
             row[stat] = {"delta": round(d, 2), "ci_low": round(lo, 2), "ci_high": round(hi, 2),
                          "recipe_delta": theirs, "verdict": verdict(theirs, lo, hi)}
+            row[f"{stat}_mde80"] = round(p["mde80"], 2)
+            row[f"{stat}_prompts_needed"] = prompts_needed(n, p["mde80"], theirs)
         out.append(row)
     return out
 
 
 def render_comparisons(comparisons):
+    """The questions table, and up front how many of its intervals decide anything at all. Comparisons saved before
+    the power columns existed show a dash there."""
+    def power(c, key, fmt):
+        return " / ".join(fmt(c[f"{s}_{key}"]) if c.get(f"{s}_{key}") is not None else "—" for s in ("mean", "median"))
+
     body = [[f"{c['later']} − {c['earlier']}", c["question"]]
             + [f"{c[s]['delta']:+.1f} [{c[s]['ci_low']:+.1f}, {c[s]['ci_high']:+.1f}] vs {c[s]['recipe_delta']:+.1f}: "
-               f"{c[s]['verdict']}" for s in ("mean", "median")] for c in comparisons]
-    return ["", "The recipe's questions (Δ = the later experiment's replies − the earlier one's, same prompts, 95% "
-            "paired bootstrap interval, vs the recipe's own difference on ERNIE-4.5-0.3B):", "",
-            tabulate(body, headers=["Comparison", "Question", "Δ mean [95% CI] vs recipe",
-                                    "Δ median [95% CI] vs recipe"], tablefmt="github", disable_numparse=True)]
+               f"{c[s]['verdict']}" for s in ("mean", "median")]
+            + [power(c, "mde80", lambda x: f"{x:.1f}"), power(c, "prompts_needed", lambda x: f"{x:d}")]
+            for c in comparisons]
+    decided = sum(not c[s]["verdict"].startswith("undecided") for c in comparisons for s in ("mean", "median"))
+    n = next((c["prompts"] for c in comparisons if "prompts" in c), None)
+    lines = ["", "The recipe's questions (Δ = the later experiment's replies − the earlier one's, same prompts, 95% "
+             "paired bootstrap interval, vs the recipe's own difference on ERNIE-4.5-0.3B):", "",
+             f"{decided} of {2 * len(comparisons)} intervals exclude 0; the others cannot decide their question"
+             + (f" with {n} test prompts." if n else "."), "",
+             tabulate(body, headers=["Comparison", "Question", "Δ mean [95% CI] vs recipe",
+                                     "Δ median [95% CI] vs recipe", "detectable Δ mean / median (MDE)",
+                                     "prompts for the recipe's Δ mean / median"],
+                      tablefmt="github", disable_numparse=True)]
+    if n:
+        lines += ["", f"- detectable Δ (MDE): the smallest difference these {n} prompts find 80% of the time at the "
+                  "5% level, (1.96 + 0.84) × the SD of the paired bootstrap Δ. An interval that includes 0 rules out "
+                  "differences larger than about this, not a difference as such.",
+                  f"- prompts for the recipe's Δ: how many test prompts would find a difference as large as the "
+                  f"recipe's own (later − earlier in its table) 80% of the time, = ceil({n} × (MDE / |recipe Δ|)²), "
+                  "assuming this test set's spread; more than we have means this test set could not have answered "
+                  "the question at the recipe's effect size."]
+    return lines
 
 
 def render(rows, names, short_sha=lambda rev: str(rev)[:7], comparisons=None):
@@ -197,10 +244,16 @@ def render(rows, names, short_sha=lambda rev: str(rev)[:7], comparisons=None):
         f"({int(first['evaluate.bootstrap_samples'])} resamples); an interval that excludes 0 is a real change.",
         "- held-out reward acc.: the engine's eval loop on the experiment's own held-out pairs (trainset.eval_pairs) "
         "after the last step: share of pairs whose chosen answer gets the higher reward.",
-        "- probe median while training: median reply length (chars) of the held-out length probes at step 0 → the "
-        "last step (train.length_probe_steps; capped at train.length_probe_max_dec_len tokens).",
+        "- probe median while training: median reply length (chars) on the validation prompts at step 0 → the last "
+        "step (train.length_probe_steps; measured as the test set is, at infer.max_dec_len unless "
+        "train.length_probe_max_dec_len is lower). Choose settings on it; the test-set columns confirm once.",
         "- probes passed: share of forgetting-probe replies whose check passes (name recall, facts, arithmetic, "
         "format; data/probes/probes.jsonl); retention = tuned / baseline pass rate (1.00 = nothing forgotten).",
+        "- verdict: \"shorter\" only when a length interval is below 0 AND the replies are still answers: the share "
+        "refusing or apologizing, the share repeating a short phrase, the empty and looping shares not up, and "
+        "distinct-2 not down, each by more than 0.10 with an interval excluding 0 (and held-out chosen answers' "
+        "per-token NLL not up by more than 0.1 nats when measured); otherwise \"shorter but degraded\", naming why "
+        "(ernie_dpo/stats.py length_verdict). \"quality not checked\": metrics from before these checks.",
     ]
     if comparisons:
         lines += render_comparisons(comparisons)
@@ -228,7 +281,9 @@ def bar_data(rows, names):
             # the 95% interval of the tuned value: the baseline's value + the interval of tuned - baseline
             data.append({"experiment": n, "mean_chars": r["tuned.chars_mean"], "median_chars": r["tuned.chars_median"],
                          **{f"{s}_ci": [round(first[f"baseline.chars_{s}"] + r[f"delta.chars_{s}_ci_{e}"], 2)
-                                        for e in ("low", "high")] for s in ("mean", "median")}})
+                                        for e in ("low", "high")] for s in ("mean", "median")},
+                         **({"heldout_reward_accuracy": r["dpo.heldout.rewards_accuracies"]}
+                            if _num(r.get("dpo.heldout.rewards_accuracies")) else {})})
     return data
 
 
@@ -296,7 +351,13 @@ def plot_bars(data, model, path):
         ax.bar([x + offset for x in xs], values, w, yerr=err, capsize=3, label=f"{stat} (95% interval)")
     ax.set_xticks(list(xs), [d["experiment"] for d in data])
     ax.set(title=f"reply length on the test set per experiment (model: {model})", ylabel="characters")
-    ax.legend()
+    acc = [(x, d["heldout_reward_accuracy"]) for x, d in zip(xs, data) if "heldout_reward_accuracy" in d]
+    if acc:  # the held-out pairs' reward accuracy after training, on its own axis (0-1)
+        right = ax.twinx()
+        right.plot([x for x, _ in acc], [a for _, a in acc], "kD", label="held-out reward accuracy (right axis)")
+        right.set(ylim=(0, 1.05), ylabel="held-out reward accuracy")
+        right.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -332,7 +332,8 @@ def main(argv=None):
                          "finish or remove them (`dvc queue remove --queued`) first")
             sh(DVC + ["repro", "evaluate_baseline"])
     try:
-        pool, _, _ = pool_outside(read_jsonl("data/prepared/dpo.jsonl"), read_jsonl("data/testset/testset.jsonl"))
+        pool, _, _ = pool_outside(read_jsonl("data/prepared/dpo.jsonl"), read_jsonl("data/testset/testset.jsonl")
+                                  + read_jsonl("data/testset/validation.jsonl"))
     except (DataError, FileNotFoundError) as e:
         sys.exit(f"series: {e} (run `dvc repro evaluate_baseline` first)")
     baseline_mean = read_json("metrics/baseline.json")["baseline"]["chars_mean"]

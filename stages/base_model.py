@@ -42,7 +42,8 @@ OUT, LOGS = Path("models/base"), Path("logs/base_model")
 
 def build_tiny(t, device):
     try:
-        pool, _, _ = pool_outside(read_jsonl("data/prepared/dpo.jsonl"), read_jsonl("data/testset/testset.jsonl"))
+        pool, _, _ = pool_outside(read_jsonl("data/prepared/dpo.jsonl"), read_jsonl("data/testset/testset.jsonl")
+                                  + read_jsonl("data/testset/validation.jsonl"))
     except DataError as e:
         sys.exit(f"base_model: {e}")
     init = LOGS / "init"

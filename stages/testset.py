@@ -1,4 +1,6 @@
-"""testset: a fixed sample of prompts (seeded) in OpenAI message format, for baseline and tuned inference."""
+"""testset: a fixed sample of prompts (seeded) in OpenAI message format, for baseline and tuned inference, and a
+validation split (testset.validation_size other prompts): what the length probes and the held-out likelihood look at
+while training, so that settings are chosen on validation and the test set gives the final number once."""
 import sys
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from ernie_dpo.common import (
     write_json,
     write_jsonl,
 )
-from ernie_dpo.data import DataError, make_testset
+from ernie_dpo.data import DataError, make_testset, make_validation
 
 log = get_logger("testset")
 
@@ -25,16 +27,20 @@ def main():
     records = read_jsonl("data/prepared/dpo.jsonl")
     try:
         test = make_testset(records, p["size"], p["seed"], p["keep_system"])
+        validation = make_validation(records, test, p["validation_size"], p["seed"], p["keep_system"])
     except DataError as e:
         sys.exit(f"testset: {e}")
     write_jsonl("data/testset/testset.jsonl", test)
+    write_jsonl("data/testset/validation.jsonl", validation)
     n_multi = sum(sum(m["role"] == "user" for m in t["messages"]) > 1 for t in test)
     n_sys = sum(t["messages"][0]["role"] == "system" for t in test)
     write_json("metrics/testset.json", {"testset": {"data": params["data"]["raw_path"], "prompts": len(test),
                                                     "multi_turn_prompts": n_multi,
-                                                    "prompts_with_system": n_sys}})
-    log.info("sampled %d of %d records (seed %d, keep_system=%s): %d multi-turn, %d with a system prompt",
-             len(test), len(records), p["seed"], p["keep_system"], n_multi, n_sys)
+                                                    "prompts_with_system": n_sys,
+                                                    "validation_prompts": len(validation)}})
+    log.info("sampled %d of %d records (seed %d, keep_system=%s): %d multi-turn, %d with a system prompt; %d other "
+             "prompts for validation", len(test), len(records), p["seed"], p["keep_system"], n_multi, n_sys,
+             len(validation))
 
 
 if __name__ == "__main__":

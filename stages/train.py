@@ -18,6 +18,7 @@ config; rerun it by hand with `python -m ernie_dpo.engine train logs/train/dpo.y
 (last-step, held-out and length-probe values), metrics/dvclive/ (per-step curves) and metrics/plots/dpo_curves.png.
 """
 import csv
+import json
 import math
 import shutil
 import sys
@@ -49,13 +50,29 @@ from ernie_dpo.common import (
 
 log = get_logger("train")
 OUT, LOGS = Path("models/train"), Path("logs/train")
-CURVES = ("loss", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-          "logps/chosen", "logps/rejected")
-EVAL_CURVES = ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/accuracies",
-               "eval_rewards/margins", "eval_logps/chosen", "eval_logps/rejected")
-PANELS = (("loss", ("loss", "eval_loss")), ("reward margin", ("rewards/margins", "eval_rewards/margins")),
+# What the engine logs per step. "loss" is the total (DPO loss + sft_loss); the engine names the DPO part after the
+# loss type ("sigmoid_loss", "ipo_loss", ...), logged here as "dpo_loss"; "sft_loss" is train.sft_loss_ratio x the
+# chosen answers' NLL (the term as it enters the loss; 0 when the ratio is 0).
+CURVES = ("loss", "dpo_loss", "sft_loss", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+          "rewards/margins", "logps/chosen", "logps/rejected")
+EVAL_CURVES = tuple("eval_" + c for c in CURVES if c != "learning_rate")
+PANELS = (("total loss", ("loss", "eval_loss")), ("DPO loss", ("dpo_loss", "eval_dpo_loss")),
+          ("NLL term (sft_loss)", ("sft_loss", "eval_sft_loss")),
+          ("reward margin", ("rewards/margins", "eval_rewards/margins")),
           ("reward accuracy", ("rewards/accuracies", "eval_rewards/accuracies")),
-          ("reply length while training (median chars)", ("length_probe/chars_median",)))
+          ("rewards", ("rewards/chosen", "rewards/rejected", "eval_rewards/chosen", "eval_rewards/rejected")),
+          ("log-probs", ("logps/chosen", "logps/rejected", "eval_logps/chosen", "eval_logps/rejected")),
+          ("reply length, validation prompts (median chars)", ("length_probe/chars_median",)),
+          ("held-out NLL of chosen answers (nats/token)", ("length_probe/nll_per_token",)))
+
+
+def engine_names(s, loss_type):
+    """A parsed engine line with the DPO loss under one name whatever the loss type ("sigmoid_loss" -> "dpo_loss")."""
+    out = dict(s)
+    for prefix in ("", "eval_"):
+        if f"{prefix}{loss_type}_loss" in out:
+            out[f"{prefix}dpo_loss"] = out.pop(f"{prefix}{loss_type}_loss")
+    return out
 
 
 def read_curve(live_dir, name):
@@ -72,13 +89,19 @@ def plot_curves(live_dir, title, path):
     """Training and held-out (eval) loss, reward margin and reward accuracy per step, and the reply length probes,
     read back from DVCLive's files (a resumed run included)."""
     panels = [(t, names) for t, names in PANELS if any(read_curve(live_dir, n)[0] for n in names)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
-    for ax, (title_, names) in zip(list(axes) if len(panels) > 1 else [axes], panels):
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (title_, names) in zip(axes.flat, panels):
         for name in names:
             steps, values = read_curve(live_dir, name)
             if steps:
-                label = ("held-out pairs" if name.startswith("eval_") else "length probe" if "probe" in name
+                label = ("held-out pairs" if name.startswith("eval_") else "validation prompts" if "probe" in name
                          else "training")
+                if name.split("/")[-1] in ("chosen", "rejected"):
+                    label += " " + name.split("/")[-1]
                 ax.plot(steps, values, marker="." if len(steps) < 60 else None, label=label)
         ax.set(title=title_, xlabel="step")
         ax.grid(alpha=0.3)
@@ -126,29 +149,56 @@ def encode_pairs(p, source="data/trainset/train.jsonl", dest=LOGS / "pairs.jsonl
             **{k: v for k, v in cut.items() if k != "answer_suffix"}}, kept
 
 
-def write_length_probe_spec(params, eval_pairs, tokenizer):
-    """The held-out prompts the length probes answer (train.length_probe_prompts of them), with their seeds."""
-    from ernie_dpo.data import prompt_key, to_messages
+def probe_summary(probes, prompts):
+    """metrics/train.json's dpo.length_probe: step 0 and the last probe on the validation prompts, the last one's
+    median minus step 0's with its paired 95% interval (the same prompts and seeds), and the cap it was held to."""
+    first, final = probes[0], probes[-1]
+    out = {"prompts": prompts, "probes": len(probes), "step0_chars_median": first["chars_median"],
+           "final_chars_median": final["chars_median"], "step0_chars_mean": first["chars_mean"],
+           "final_chars_mean": final["chars_mean"], "step0_cut_share": first["cut_share"],
+           "final_cut_share": final["cut_share"]}
+    for k in ("delta_chars_median", "delta_chars_median_ci_low", "delta_chars_median_ci_high"):
+        if k in final:
+            out[k] = final[k]
+    return out
+
+
+def heldout_likelihood(base, tuned, e):
+    """Per-token NLL of the validation prompts' chosen answers, the tuned policy (last probe) minus the base model
+    (step 0), with a paired 95% bootstrap interval over answers: > 0 means the tuned model predicts good answers it
+    was not trained on WORSE (a model that only learned to apologise does)."""
+    from ernie_dpo.bootstrap import bootstrap_delta
+
+    d, lo, hi = bootstrap_delta(base, tuned, "mean", e["bootstrap_samples"], e["seed"])
+    return {"answers": len(base), "base_nll_per_token": round(sum(base) / len(base), 4),
+            "tuned_nll_per_token": round(sum(tuned) / len(tuned), 4), "delta_nll_per_token": round(d, 4),
+            "delta_nll_per_token_ci_low": round(lo, 4), "delta_nll_per_token_ci_high": round(hi, 4)}
+
+
+def write_length_probe_spec(params, tokenizer):
+    """The validation prompts the length probes answer (train.length_probe_prompts of them, 0: all), encoded whole
+    as the infer stage encodes a test prompt and with the same per-prompt seeds, and their chosen answers for the
+    held-out likelihood. Returns how many prompts."""
     from ernie_dpo.decode import prompt_seed
 
     p, i = params["train"], params["infer"]
-    # distinct prompts: held-out pairs come in whole-prompt groups, and one prompt twice would count twice
-    chosen, seen = [], set()
-    for r in eval_pairs:
-        if prompt_key(r) not in seen and len(chosen) < p["length_probe_prompts"]:
-            seen.add(prompt_key(r))
-            chosen.append(r)
-    msgs = [to_messages(r, keep_system=params["testset"]["keep_system"]) for r in chosen]
+    validation = read_jsonl("data/testset/validation.jsonl")
+    if p["length_probe_prompts"]:
+        validation = validation[:p["length_probe_prompts"]]
     stops = tokens.stop_tokens(tokenizer, "models/base", i.get("stop_tokens") or ())
-    # prompts cut to their last max_prompt_len tokens, as training sees them: a 3000-token prompt would make every
-    # probe (generation inside the training process) cost minutes
+    suffix = tokens.answer_suffix(tokenizer)
+    scored = []
+    for r in validation:  # the chosen answer as training would encode it (never cut: no length limit here)
+        pair = tokens.encode_pair(tokenizer, r["messages"], r["response"][0][0], r["response"][1][0], 10 ** 9,
+                                  10 ** 9, False, suffix, True)
+        scored.append([pair.prompt, pair.chosen])
+    cap = p["length_probe_max_dec_len"] or i["max_dec_len"]
     length_probe.write_spec(
-        LOGS / length_probe.SPEC_NAME, [tokens.prompt_ids(tokenizer, m)[-p["max_prompt_len"]:] for m in msgs],
-        [prompt_seed(i["seed"], r["id"]) for r in chosen], list(stops),
+        LOGS / length_probe.SPEC_NAME, [tokens.prompt_ids(tokenizer, r["messages"]) for r in validation],
+        [prompt_seed(i["seed"], r["id"]) for r in validation], list(stops),
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops), p["length_probe_steps"],
-        p["length_probe_max_dec_len"], i["temperature"], i["top_p"], len(chosen), p["stop_if_longer"],
-        p["stop_if_longer_probes"])
-    return len(chosen)
+        cap, i["temperature"], i["top_p"], i["batch_size"], p["stop_if_longer"], p["stop_if_longer_probes"], scored)
+    return len(validation)
 
 
 def engine_inputs(params, work):
@@ -166,11 +216,7 @@ def engine_inputs(params, work):
                  "train.truncate=true")
     eval_fit, eval_pairs = encode_pairs(p, "data/trainset/eval.jsonl", LOGS / "eval_pairs.jsonl", "held-out pairs",
                                         tokenizer)
-    probe_prompts = 0
-    if p["length_probe_steps"] > 0:
-        if not eval_pairs:
-            sys.exit("train: train.length_probe_steps > 0 needs held-out prompts: set trainset.eval_pairs")
-        probe_prompts = write_length_probe_spec(params, eval_pairs, tokenizer)
+    probe_prompts = write_length_probe_spec(params, tokenizer) if p["length_probe_steps"] > 0 else 0
     try:
         cfg = engine.dpo_config("models/base", LOGS / "pairs.jsonl", work, device, p, e,
                                 eval_path=LOGS / "eval_pairs.jsonl" if eval_pairs else None)
@@ -231,11 +277,12 @@ def main():
     log.info("DPO (%s, loss %s, beta %s): %d steps, warmup %d, global batch %d, lr %g on %s (engine log: %s)",
              p["fine_tuning"], p["loss_type"], p["beta"], p["max_steps"], p["warmup_steps"], p["global_batch_size"],
              p["learning_rate"], device, LOGS / "engine.log")
-    last, heldout, probes, stopped = {}, {}, [], {}
+    last, heldout, probes, stopped, eval_passes = {}, {}, [], {}, []
     start = time.time()
     with Live(dir="metrics/dvclive", dvcyaml=None, save_dvc_exp=False, report=None, resume=bool(resumed)) as live, \
             tqdm(total=p["max_steps"], desc="DPO", unit="step") as bar:
         def on_step(s):
+            s = engine_names(s, p["loss_type"])
             if "eval_loss" in s:  # the engine's eval loop on the held-out pairs (the last one is printed twice)
                 if heldout.get("eval_loss") == s["eval_loss"] and heldout.get("step") == last.get("global_step"):
                     return
@@ -256,6 +303,9 @@ def main():
             bar.update(s["global_step"] - bar.n)
 
         def on_line(line):
+            if engine.EVAL_PASS_MARK in line:  # one pass of the engine's eval loop: the pairs it saw
+                eval_passes.append(json.loads(line.split(engine.EVAL_PASS_MARK, 1)[1])["pairs"])
+                return
             found = length_probe.parse_line(line)
             if found is None:
                 return
@@ -265,11 +315,19 @@ def main():
                 return
             probes.append(data)
             live.step = data["step"]
-            for k in ("chars_median", "chars_mean", "cut_share"):
-                live.log_metric(f"length_probe/{k}", data[k], plot=True)
-            log.info("length probe at step %d: replies to %d held-out prompts: median %.0f chars, mean %.0f, "
-                     "cut at %d tokens: %.0f%%", data["step"], probe_prompts, data["chars_median"],
-                     data["chars_mean"], p["length_probe_max_dec_len"], 100 * data["cut_share"])
+            if data["nll_per_token"]:
+                data["nll_per_token_mean"] = round(sum(data["nll_per_token"]) / len(data["nll_per_token"]), 5)
+            for k in ("chars_median", "chars_mean", "cut_share", "nll_per_token_mean"):
+                if k in data:
+                    live.log_metric(f"length_probe/{k.replace('_mean', '') if k.startswith('nll') else k}", data[k],
+                                    plot=True)
+            log.info("length probe at step %d: replies to %d validation prompts: median %.0f chars%s, mean %.0f, "
+                     "cut at %d tokens: %.0f%%; held-out NLL of their chosen answers %.4f nats/token",
+                     data["step"], probe_prompts, data["chars_median"],
+                     (f" ({data['delta_chars_median']:+.0f} vs step 0, 95% CI [{data['delta_chars_median_ci_low']:+.0f}"
+                      f", {data['delta_chars_median_ci_high']:+.0f}])" if "delta_chars_median" in data else ""),
+                     data["chars_mean"], p["length_probe_max_dec_len"] or params["infer"]["max_dec_len"],
+                     100 * data["cut_share"], data.get("nll_per_token_mean", float("nan")))
 
         engine.run(cmd, LOGS / "engine.log", on_step, on_line=on_line)
         live.make_summary()
@@ -292,21 +350,26 @@ def main():
     final["last_step"] = {k.replace("/", "_"): round(v, 5) for k, v in last.items()
                           if k in CURVES and k != "learning_rate"}
     if heldout:
-        final["heldout"] = {"pairs": eval_fit["pairs_trained"],
+        # every held-out pair counted once per pass (engine._each_pair_once): what the eval loop saw, checked
+        if any(n != eval_fit["pairs_trained"] for n in eval_passes):
+            sys.exit(f"train: the engine's eval loop saw {eval_passes} pairs per pass, not the "
+                     f"{eval_fit['pairs_trained']} held-out pairs written to {LOGS / 'eval_pairs.jsonl'}")
+        final["heldout"] = {"pairs": eval_fit["pairs_trained"], "pairs_evaluated": eval_passes[-1] if eval_passes else 0,
                             **{k[len("eval_"):].replace("/", "_"): round(v, 5) for k, v in heldout.items()
                                if k in EVAL_CURVES}}
+    out = {"dpo": final}  # "dpo", not "train": params own train.*
     if probes:
-        final["length_probe"] = {"prompts": probe_prompts, "probes": len(probes),
-                                 "step0_chars_median": probes[0]["chars_median"],
-                                 "final_chars_median": probes[-1]["chars_median"],
-                                 "final_cut_share": probes[-1]["cut_share"]}
+        final["length_probe"] = probe_summary(probes, probe_prompts)
+        if len(probes) > 1 and probes[0]["step"] == 0 and probes[0]["nll_per_token"]:
+            out["likelihood"] = heldout_likelihood(probes[0]["nll_per_token"], probes[-1]["nll_per_token"],
+                                                   params["evaluate"])
     final["stopped_early"] = bool(stopped)
-    write_json("metrics/train.json", {"dpo": final})  # "dpo", not "train": params own train.*
+    write_json("metrics/train.json", out)
     if stopped:
-        sys.exit(f"train: STOPPED at step {stopped['step']} of {p['max_steps']}: replies to the held-out prompts grew "
+        sys.exit(f"train: STOPPED at step {stopped['step']} of {p['max_steps']}: replies to the validation prompts grew "
                  f"(median {probes[0]['chars_median']:.0f} chars at step 0 -> {probes[-1]['chars_median']:.0f}, more "
                  f"than train.stop_if_longer={p['stop_if_longer']} above step 0 for "
-                 f"{p['stop_if_longer_probes']} probes in a row). The curves are in metrics/plots/dpo_curves.png and "
+                 f"{p['stop_if_longer_probes']} probes in a row, each with a paired 95% interval above 0). The curves are in metrics/plots/dpo_curves.png and "
                  "metrics/train.json; this run teaches the model to answer LONGER (the recipe's exp3): try "
                  "train.sft_loss_ratio, more warmup, a lower learning rate, or other pairs.")
     # the finished model (not the checkpoints) becomes the DVC output; the work folder is no longer needed

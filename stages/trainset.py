@@ -36,7 +36,8 @@ def main():
     params = load_params()
     p = params["trainset"]
     records = read_jsonl("data/prepared/dpo.jsonl")
-    test = read_jsonl("data/testset/testset.jsonl")
+    # the validation prompts are kept out exactly as the test prompts are
+    test = read_jsonl("data/testset/testset.jsonl") + read_jsonl("data/testset/validation.jsonl")
     try:
         pool, test_ids, test_keys = pool_outside(records, test)
     except DataError as e:

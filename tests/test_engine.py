@@ -94,3 +94,21 @@ def test_the_cheaper_cpu_layers_train_to_the_same_losses(tiny_base, sample_recor
         losses[fast] = [s["loss"] for s in steps]
     assert len(losses["1"]) == 10 and losses["1"][-1] != losses["1"][0]  # it trained
     assert losses["1"] == pytest.approx(losses["0"], rel=1e-4, abs=1e-5)
+
+
+def test_each_pair_is_yielded_once_per_pass_and_a_held_out_pass_is_counted(capsys):
+    """PaddleFormers 1.2's DPO dataset yields the last pair of a pass twice (its loop yields every pair, then
+    `if len(batch_sequence) > 0: yield batch_sequence` yields the last list again). engine._each_pair_once removes
+    the repeat and prints how many pairs a held-out pass yielded (the train stage checks it against the file)."""
+    from types import SimpleNamespace
+
+    from paddleformers.datasets.DPODataset import BaseDPODataSet
+
+    fake = SimpleNamespace(packing=False, is_valid=True, mix_datasets=[{"n": i} for i in range(5)],
+                           _postprocess_sequence=lambda ex: SimpleNamespace(token_ids=[1, 2, 3], n=ex["n"]))
+    engine._each_pair_once()
+    ours = BaseDPODataSet._generate_sequences
+    upstream = [b[0].n for b in ours.original(fake)]
+    assert upstream == [0, 1, 2, 3, 4, 4]  # the engine's own: the day this fails, the engine was fixed upstream
+    assert [b[0].n for b in ours(fake)] == [0, 1, 2, 3, 4]
+    assert engine.EVAL_PASS_MARK + '{"pairs": 5}' in capsys.readouterr().out

@@ -111,7 +111,15 @@ def test_repro_writes_every_metric_and_keeps_test_prompts_out(repo):
     keys = {prompt_key(r) for r in trained}
     assert held and not any(prompt_key(r) in keys or r["id"] in {t["id"] for t in tests} for r in held)
     assert m["trainset.json"]["trainset"]["eval_pairs_held_out"] == len(held)
+    # what the engine's eval loop saw: every held-out pair once (the engine's dataset alone yields the last one twice)
+    assert dpo["heldout"]["pairs_evaluated"] == dpo["heldout"]["pairs"] == len(held)
     assert 0 <= dpo["heldout"]["rewards_accuracies"] <= 1 and dpo["heldout"]["loss"] > 0
+    # validation prompts: neither test nor training prompts; the probes and the held-out likelihood read them
+    validation = [json.loads(x) for x in (repo / "data/testset/validation.jsonl").read_text().splitlines()]
+    assert validation and not any(prompt_key(v) in keys | {prompt_key(h) for h in held} or v["id"] in
+                                  {t["id"] for t in tests} for v in validation)
+    assert dpo["length_probe"]["prompts"] == len(validation)
+    assert m["train.json"]["likelihood"]["answers"] == len(validation)
     assert dpo["length_probe"]["probes"] >= 3 and dpo["length_probe"]["step0_chars_median"] > 0
     probe = (repo / "metrics/dvclive/plots/metrics/length_probe/chars_median.tsv").read_text().splitlines()
     assert probe[1].split("\t")[0] == "0" and len(probe) >= 4  # header + step 0 + later probes

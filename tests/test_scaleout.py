@@ -52,10 +52,12 @@ def test_four_gpus_data_parallel_split_the_global_batch():
     assert cmd[cmd.index("--gpus") + 1] == "0,1,2,3" and "--nnodes" not in cmd
 
 
-def test_the_held_out_pairs_are_evaluated_in_the_training_batch_per_device_not_the_global_batch():
+def test_the_held_out_pairs_are_evaluated_one_pair_a_batch_on_every_device():
+    """The engine averages eval metrics over batches: one pair a batch makes each eval_* value the mean over pairs
+    (never the global batch, which no device could hold)."""
     e = {**ENGINE, "devices": "0,1,2,3"}
     cfg = engine.dpo_config("m", "t", "o", "gpu", {**TRAIN, "global_batch_size": 16}, e, eval_path="eval.jsonl")
-    assert cfg["do_eval"] and cfg["per_device_train_batch_size"] == 4 and cfg["per_device_eval_batch_size"] == 4
+    assert cfg["do_eval"] and cfg["per_device_train_batch_size"] == 4 and cfg["per_device_eval_batch_size"] == 1
 
 
 def test_tensor_and_sharding_parallel_over_two_nodes():

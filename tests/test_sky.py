@@ -101,7 +101,8 @@ def test_series_launcher_sky_prints_launches_that_skypilot_parses_and_loads(run_
     # the plan the series makes from this workspace
     params = yaml.safe_load((repo / "params.yaml").read_text())
     pool, _, _ = pool_outside(read_jsonl(repo / "data/prepared/dpo.jsonl"),
-                              read_jsonl(repo / "data/testset/testset.jsonl"))
+                              read_jsonl(repo / "data/testset/testset.jsonl")
+                              + read_jsonl(repo / "data/testset/validation.jsonl"))
     counts = count_pairs(pool, read_json(repo / "metrics/baseline.json")["baseline"]["chars_mean"],
                          params["trainset"]["baseline_tolerance"], params["trainset"]["eval_pairs"],
                          params["trainset"]["seed"])

@@ -73,3 +73,26 @@ def test_a_reply_that_repeats_a_sentence_is_counted_as_looping_in_english_and_ch
     m = reply_metrics([{"reply": para * 3, "tokens": 9, "finish_reason": "length"},
                        {"reply": "A short answer that ends.", "tokens": 5, "finish_reason": "eos"}], max_dec_len=9)
     assert m["looping_share"] == 0.5
+
+
+def test_reply_metrics_count_refusals_short_repeats_and_distinct_pairs():
+    replies = [{"reply": "I'm sorry, I'm sorry. I'm sorry.", "tokens": 9, "finish_reason": "eos"},
+               {"reply": "Paris is the capital of France.", "tokens": 7, "finish_reason": "eos"}]
+    m = reply_metrics(replies, max_dec_len=16)
+    assert m["refusal_share"] == 0.5 and m["repetitive_share"] == 0.5
+    # distinct-2: 2 of the apology's 5 word pairs are new (i'm sorry, sorry i'm), all 5 of the answer's: (0.4 + 1) / 2
+    assert m["distinct2_mean"] == 0.7
+
+
+def test_paired_delta_is_bootstrap_delta_s_interval_with_the_detectable_difference_from_the_same_draws():
+    import numpy as np
+
+    from ernie_dpo.stats import bootstrap_draws, paired_delta
+
+    baseline = [20 + (i * 37) % 60 * 50 for i in range(60)]
+    tuned = [b * (0.7 + 0.01 * (i % 50)) for i, b in enumerate(baseline)]
+    for stat in ("mean", "median"):
+        p = paired_delta(baseline, tuned, stat, 1000, seed=4)
+        assert (p["delta"], p["ci_low"], p["ci_high"]) == bootstrap_delta(baseline, tuned, stat, 1000, seed=4)
+        _, draws = bootstrap_draws(baseline, tuned, stat, 1000, seed=4)
+        assert p["mde80"] == pytest.approx((1.96 + 0.84) * np.std(draws, ddof=1))

@@ -1,6 +1,12 @@
 """The token ids the engine trains on (ernie_dpo.tokens): targets that end as the chat template ends a turn, long
-pairs cut (truncate) or dropped and counted, and the engine's own dataset code training on exactly those ids."""
+pairs cut (truncate) or dropped and counted, and the engine's own dataset code training on exactly those ids.
+
+Compared as ids, never as decoded text (text hides how a word is split): the training prompt is exactly the ids
+inference asks with, and prompt + answer is the chat template's rendering tokenized whole, token for token, but for
+one named boundary (first_word_splits) where the pieces are tokenized apart: ':' '▁' | 'I' 't' vs ':' '▁It'."""
 import copy
+import difflib
+import itertools
 import json
 import shutil
 
@@ -20,6 +26,13 @@ ERNIE_TEMPLATE = (
     "        {{- \"Assistant: \" + message[\"content\"] + sep_token -}}\n"
     "    {%- elif message[\"role\"] == \"system\" -%}\n        {{- message[\"content\"] + \"\\n\" -}}\n"
     "    {%- endif -%}\n{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{- \"Assistant: \" -}}\n{%- endif -%}"
+)
+# SmolLM2-135M-Instruct's own chat template (ChatML, read from its GGUF file): the generation prompt ends with "\n".
+SMOL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' "
+    "+ message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 MSGS = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "What is 2 + 2?"}]
@@ -52,18 +65,162 @@ def ernie_tok(tiny_base, tmp_path_factory):
     return with_template(tiny_base, tmp_path_factory.mktemp("t") / "ernie", ERNIE_TEMPLATE)
 
 
+@pytest.fixture(scope="module")
+def smol_template_tok(tiny_base, tmp_path_factory):
+    """The tiny model's tokenizer with SmolLM2's ChatML template (its <|im_...|> markers are plain text here)."""
+    return with_template(tiny_base, tmp_path_factory.mktemp("t") / "smol", SMOL_TEMPLATE)
+
+
+TEMPLATES = ["tiny_tok", "ernie_tok", "smol_template_tok"]
+# A history answer and a chosen answer that start with "It": with the tiny tokenizer the whole-string tokenization
+# of "Assistant: It" is ':' '▁It', while piece by piece it is ':' '▁' | 'I' 't' (see the named boundary below).
+HISTORY_IT = MSGS[:2] + [{"role": "assistant", "content": "It is me. How can I help?"}] + MSGS[3:]
+CHOSEN, REJECTED = "It is 4.", "Let me think about it. The answer is 4."
+
+
+def whole_ids(tok, messages, add_generation_prompt):
+    """The chat template's own rendering of the conversation, tokenized as ONE string."""
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def first_word_splits(tok, piecewise, piece_lengths, whole):
+    """Where ids encoded piece by piece (the engine's (query, answer) pieces, each tokenized on its own) differ from
+    the same text tokenized whole, checked to be nothing but THE NAMED BOUNDARY, and returned as
+    [(piece-wise tokens, whole tokens), ...]:
+
+    a piece that ends in the template's space ("Assistant: " ends with the token '▁') is followed by a piece whose
+    first word, tokenized on its own, has no '▁' (SentencePiece marks a space as the START of the next word, and
+    there is none inside the next piece): piece-wise ':' '▁' | 'I' 't', whole ':' '▁It'. Same text, and nothing
+    else differs. The whole-string ids are then not "prompt + answer": the prompt's last token is merged into the
+    answer's first word, so they cannot be trained on without changing the prompt the model is asked with.
+    """
+    ends = set(itertools.accumulate(piece_lengths))
+    found = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, piecewise, whole, autojunk=False).get_opcodes():
+        if tag == "equal":
+            continue
+        ours, theirs = tok.convert_ids_to_tokens(piecewise[i1:i2]), tok.convert_ids_to_tokens(whole[j1:j2])
+        assert ours and theirs, (ours, theirs)  # a replacement, never ids only one side has
+        assert i1 + 1 in ends and ours[0] == "▁", (ours, theirs)  # starts at the '▁' that ends a piece
+        assert not any(t.startswith("▁") for t in ours[1:]), (ours, theirs)  # then the next piece's first word
+        assert theirs[0].startswith("▁") and theirs[0] != "▁", (ours, theirs)  # which whole-string spells "▁Word"
+        assert "".join(ours) == "".join(theirs), (ours, theirs)  # the same text
+        found.append((ours, theirs))
+    return found
+
+
+def assert_ids_are_the_template_rendering_but_for_first_word_splits(tok, messages, ids, pieces, suffix=()):
+    """`ids` (+ `suffix`, the eos a template that leaves the turn open gets) are the chat template's rendering of
+    `messages` tokenized, token for token, except at named boundaries (first_word_splits), which are returned."""
+    assert len(ids) == sum(len(p) for p in pieces) + len(suffix) and ids[len(ids) - len(suffix):] == list(suffix)
+    body = ids[:len(ids) - len(suffix)]
+    assert body == [i for p in pieces for i in p]
+    whole = whole_ids(tok, messages, add_generation_prompt=messages[-1]["role"] == "user")
+    found = first_word_splits(tok, body, [len(p) for p in pieces], whole)
+    assert (body == whole) == (not found)
+    assert tok.decode(body) == tok.decode(whole)
+    return found
+
+
 @pytest.mark.parametrize("which", ["tiny_tok", "ernie_tok"])
 def test_targets_end_exactly_as_the_chat_template_ends_a_turn(which, request):
     tok = request.getfixturevalue(which)
-    assert tok.convert_ids_to_tokens(tokens.template_turn_end(tok)) == ["<|end_of_sentence|>"]
+    end = tok.convert_tokens_to_ids("<|end_of_sentence|>")
+    assert tokens.template_turn_end(tok) == [end]
     assert tokens.answer_suffix(tok) == []  # the template closes the turn: no eos (</s>) appended after it
-    pair = tokens.encode_pair(tok, MSGS, "It is 4.", "Let me think about it. The answer is 4.", 512, 256)
+    pair = tokens.encode_pair(tok, MSGS, CHOSEN, REJECTED, 512, 256)
     assert pair.status == "fits"
-    for answer, ids in (("It is 4.", pair.chosen), ("Let me think about it. The answer is 4.", pair.rejected)):
-        whole = tok.apply_chat_template(MSGS + [{"role": "assistant", "content": answer}], tokenize=False,
-                                        add_generation_prompt=False)
-        assert tok.decode(pair.prompt + ids) == whole
-        assert whole.endswith(answer + "<|end_of_sentence|>")
+    for answer, ids in ((CHOSEN, pair.chosen), (REJECTED, pair.rejected)):
+        assert ids == tok(answer, add_special_tokens=False)["input_ids"] + [end]
+        whole = whole_ids(tok, MSGS + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+        assert whole[-1] == end and tok.eos_token_id not in whole
+
+
+@pytest.mark.parametrize("which", TEMPLATES)
+@pytest.mark.parametrize("messages", [MSGS, HISTORY_IT], ids=["history", "history-starts-with-It"])
+def test_inference_prompt_ids_are_the_training_prompt_ids(which, messages, request):
+    """Token-level truth for the prompt: the ids inference asks with (tokens.prompt_ids) are exactly the ids the
+    pair is trained on after (Pair.prompt), for every template; both are the template's rendering of the prompt
+    (generation prompt included) tokenized, but for the named first-word boundary inside the history."""
+    tok = request.getfixturevalue(which)
+    infer = tokens.prompt_ids(tok, messages)
+    pair = tokens.encode_pair(tok, messages, CHOSEN, REJECTED, 512, 256)
+    assert pair.status == "fits" and pair.prompt == infer
+    pieces = [p for turn in tokens.chat_turns(tok, messages) for p in turn]
+    found = assert_ids_are_the_template_rendering_but_for_first_word_splits(tok, messages, infer, pieces)
+    it_in_history = which != "smol_template_tok" and messages is HISTORY_IT
+    assert found == ([(["▁", "I", "t"], ["▁It"])] if it_in_history else [])
+
+
+@pytest.mark.parametrize("which", TEMPLATES)
+def test_training_ids_are_the_template_rendering_tokenized_at_its_turn_pieces(which, request):
+    """Token-level truth for the targets: prompt + answer ids are the template's rendering of the whole
+    conversation tokenized, token for token, but for the named first-word boundary; the answer's ids are its text
+    as the tokenizer spells it, then the template's end of turn (and the eos only where the template leaves the
+    turn open: SmolLM2's <|im_end|> is plain text for this tokenizer, so it gets the eos)."""
+    tok = request.getfixturevalue(which)
+    suffix = tokens.answer_suffix(tok)
+    assert suffix == ([tok.eos_token_id] if which == "smol_template_tok" else [])
+    pair = tokens.encode_pair(tok, HISTORY_IT, CHOSEN, REJECTED, 512, 256)
+    for answer, ids in ((CHOSEN, pair.chosen), (REJECTED, pair.rejected)):
+        conversation = HISTORY_IT + [{"role": "assistant", "content": answer}]
+        pieces = [p for turn in tokens.chat_turns(tok, conversation) for p in turn]
+        assert pieces[-1] + suffix == ids
+        assert ids[:len(ids) - len(suffix)] == tok(answer, add_special_tokens=False)["input_ids"] + \
+            tokens.template_turn_end(tok)
+        found = assert_ids_are_the_template_rendering_but_for_first_word_splits(tok, conversation,
+                                                                                 pair.prompt + ids, pieces, suffix)
+        if which == "smol_template_tok":  # the generation prompt ends with "\n": no boundary to split
+            assert found == []
+        else:  # the history's "It is me." and, for the chosen answer, "It is 4."
+            assert found == [(["▁", "I", "t"], ["▁It"])] * (2 if answer == CHOSEN else 1)
+
+
+def test_answer_boundary_differs_only_in_how_the_first_word_is_split_and_prompt_ids_match_exactly(ernie_tok):
+    """The issue's case, ERNIE's template: "Assistant: It is 4." is ':' '▁It' '▁is' tokenized whole, while the
+    training ids are the prompt ':' '▁' then the answer 'I' 't' '▁is'. Harmless, and the only consistent choice:
+
+    - inference asks with exactly the training prompt, which ends in '▁' (the template's "Assistant: "): no
+      continuation of it can contain the whole-string '▁It' at that position (those ids do not even start with the
+      prompt), so the model has to write "It" as 'I' 't' at inference too, which is what it is trained on;
+    - the answer ids are the answer's text as the tokenizer spells it, and decode to the same text;
+    - tokenizing whole and splitting at the prompt's length would move the prompt's last token into the answer:
+      training would then teach answers to a prompt inference never sends.
+    Removing the boundary would mean changing the prompt for both (e.g. no trailing space): not done here."""
+    tok = ernie_tok
+    prompt = tokens.prompt_ids(tok, MSGS)
+    pair = tokens.encode_pair(tok, MSGS, CHOSEN, REJECTED, 512, 256)
+    assert pair.prompt == prompt  # exactly, as ids
+    assert tok.convert_ids_to_tokens(prompt[-4:]) == ["A", "ssistant", ":", "▁"]
+    whole = whole_ids(tok, MSGS + [{"role": "assistant", "content": CHOSEN}], add_generation_prompt=False)
+    assert whole[:len(prompt) - 1] == prompt[:-1] and whole[:len(prompt)] != prompt  # ids agree up to the '▁'
+    assert tok.convert_ids_to_tokens(pair.chosen[:3]) == ["I", "t", "▁is"]
+    assert tok.convert_ids_to_tokens(whole[len(prompt) - 1:len(prompt) + 1]) == ["▁It", "▁is"]
+    assert whole[len(prompt):] == pair.chosen[2:]  # after the first word: the same ids, to the end of the turn
+    assert tok.decode(pair.chosen) == CHOSEN + "<|end_of_sentence|>" and tok.decode(pair.prompt + pair.chosen) == \
+        tok.decode(whole)
+    # the rejected answer's first word has no '▁'-joined form in this vocabulary: no difference at all
+    assert pair.prompt + pair.rejected == whole_ids(tok, MSGS + [{"role": "assistant", "content": REJECTED}], False)
+
+
+def test_every_sample_pair_is_the_template_rendering_but_for_first_word_splits(ernie_tok, sample_records):
+    """fit_pairs on the real sample records with ERNIE's template: every trained pair's prompt is exactly what
+    inference asks with, and prompt + answer differs from the rendering tokenized whole only at named boundaries
+    (most answers here start with a word the tokenizer only knows as '▁Word', e.g. '▁The' vs '▁' 'T' 'he')."""
+    kept, counts, _ = tokens.fit_pairs(ernie_tok, sample_records[:40], 100_000, 100_000)
+    assert len(kept) == 40
+    split = 0
+    for rec in kept:
+        messages = to_messages(rec, keep_system=True)
+        ids = rec["token_ids"]
+        assert ids["prompt"] == tokens.prompt_ids(ernie_tok, messages)
+        for side, answer in (("chosen", rec["response"][0][0]), ("rejected", rec["response"][1][0])):
+            conversation = messages + [{"role": "assistant", "content": answer}]
+            pieces = [p for turn in tokens.chat_turns(ernie_tok, conversation) for p in turn]
+            split += len(assert_ids_are_the_template_rendering_but_for_first_word_splits(
+                ernie_tok, conversation, ids["prompt"] + ids[side], pieces))
+    assert split > 0  # the boundary is real on this data, and every instance of it is the named one
 
 
 def test_a_template_that_leaves_the_turn_open_gets_the_eos(tiny_tok, tiny_base, tmp_path):
