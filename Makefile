@@ -17,11 +17,14 @@ STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml 2>/dev/null | sha
 .PHONY: demo test install install-gpu
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@echo; echo "Done. dvc and ernie-dpo live in $(VENV): enter it before the README's other commands:"
+	@echo "    source $(VENV)/bin/activate"
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest tests
 
 install: $(STAMP)
+	@echo "Environment ready. Enter it with:  source $(VENV)/bin/activate"
 
 CUDA ?= cu126
 PADDLE_INDEX := https://www.paddlepaddle.org.cn/packages/stable/$(CUDA)/

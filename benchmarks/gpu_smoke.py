@@ -60,7 +60,7 @@ def main():
     def step(label, script, *extra, check=None):
         nonlocal ok
         start = time.time()
-        r = subprocess.run([sys.executable, f"stages/{script}.py", *extra], cwd=repo, env=env, capture_output=True,
+        r = subprocess.run([sys.executable, "-m", f"stages.{script}", *extra], cwd=repo, env=env, capture_output=True,
                            text=True)
         secs = time.time() - start
         passed = r.returncode == 0

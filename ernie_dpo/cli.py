@@ -1,5 +1,7 @@
 """`ernie-dpo`: what users do besides `dvc` (the pipeline itself is `dvc repro` / `dvc exp run`).
 
+    ernie-dpo run -S key=value ...          `dvc exp run` after checking every -S key and value (did-you-mean)
+    ernie-dpo preview -S key=value ...      which stages that experiment would run, and why; runs nothing
     ernie-dpo series [--jobs N] [--dry]     the recipe's exp1-exp4 as named DVC experiments, then the report
     ernie-dpo report [--names ...]          metrics/report.md + bar chart from `dvc exp show`
     ernie-dpo serve --model DIR             OpenAI-compatible dev server for a model directory (CPU)
@@ -11,7 +13,9 @@
 import importlib
 import sys
 
-COMMANDS = {  # name: (module, help)
+COMMANDS = {  # name: (module[:function, default main], help)
+    "run": ("ernie_dpo.plan:run_main", "check the -S overrides, then `dvc exp run` with the same arguments"),
+    "preview": ("ernie_dpo.plan:preview_main", "which stages a `dvc exp run -S ...` would run, and why"),
     "series": ("ernie_dpo.series", "run the recipe's exp1-exp4 as DVC experiments, then the report"),
     "report": ("ernie_dpo.report", "write metrics/report.md and the bar chart from `dvc exp show`"),
     "serve": ("ernie_dpo.dev_server", "serve a model directory with the OpenAI chat API (CPU dev server)"),
@@ -27,9 +31,9 @@ def main(argv=None):
         if argv and argv[0] not in ("-h", "--help"):
             sys.exit(f"ernie-dpo: unknown command {argv[0]!r}; one of {', '.join(COMMANDS)}")
         return
-    module = importlib.import_module(COMMANDS[argv[0]][0])  # each command parses its own arguments
+    module, _, function = COMMANDS[argv[0]][0].partition(":")
     sys.argv = [f"ernie-dpo {argv[0]}"] + argv[1:]
-    module.main(argv[1:])
+    getattr(importlib.import_module(module), function or "main")(argv[1:])  # each command parses its own arguments
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -30,8 +31,8 @@ def stage_parser(script, doc):
     dvc.yaml, the stages that run it with their inputs, outputs and params -- and runs nothing."""
     import argparse
 
-    name = Path(script).name
-    return argparse.ArgumentParser(prog=f"python stages/{name}", description=doc, epilog=dvc_stage_summary(name),
+    name = Path(script).stem
+    return argparse.ArgumentParser(prog=f"python -m stages.{name}", description=doc, epilog=dvc_stage_summary(name),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
@@ -48,13 +49,13 @@ def dvc_stage_summary(script_name, dvc_yaml="dvc.yaml"):
 
     lines = []
     for stage, spec in stages.items():
-        if f"stages/{script_name}" not in str(spec.get("cmd", "")):
+        if not re.search(rf"-m stages\.{script_name}\b", str(spec.get("cmd", ""))):
             continue
         outs = (spec.get("outs") or []) + (spec.get("metrics") or []) + (spec.get("plots") or [])
         lines += [f"dvc.yaml stage {stage!r}: {' '.join(str(spec['cmd']).split())}",
                   f"  inputs:  {names(spec.get('deps'))}", f"  outputs: {names(outs)}",
                   f"  params:  {names(spec.get('params'))}", ""]
-    return "\n".join(lines) or f"(no stage in {dvc_yaml} runs stages/{script_name})"
+    return "\n".join(lines) or f"(no stage in {dvc_yaml} runs stages.{script_name})"
 
 
 def read_jsonl(path):

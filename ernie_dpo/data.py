@@ -227,6 +227,33 @@ def to_messages(rec, keep_system):
     return msgs
 
 
+def distinct_prompts(records):
+    return len({prompt_key(r) for r in records})
+
+
+def fit_sizes(distinct, size, validation_size):
+    """(test size, validation size, note): testset.size and testset.validation_size as asked when together they
+    leave at least a quarter of the file's distinct prompts for training; for a smaller file, a fifth of the prompts
+    for the test set and a tenth for validation (at least one each), with a note naming the sizes and the override.
+    (Raising testset.size on a large file is honoured: more prompts, narrower intervals.)
+
+    A first file is often small (30 records): it should run to the end and show its numbers -- whose intervals and
+    detectable differences then say how little a test set that small can decide -- rather than stop at the test set.
+    The smallest file that runs has 3 distinct prompts (one test, one validation, one to train on).
+    """
+    if 4 * (size + validation_size) <= 3 * distinct:
+        return size, validation_size, None
+    if distinct < 3:
+        raise DataError(f"the prepared data has {distinct} distinct prompt(s); at least 3 are needed (one test, one "
+                        "validation, one to train on)")
+    test = max(1, min(size, distinct // 5))
+    validation = min(validation_size, max(1, distinct // 10))
+    note = (f"the data has {distinct} distinct prompts, too few for testset.size {size} + testset.validation_size "
+            f"{validation_size} with a quarter left for training: using {test} test and {validation} validation prompts "
+            f"(choose others with -S testset.size=N -S testset.validation_size=M)")
+    return test, validation, note
+
+
 def make_testset(records, size, seed, keep_system):
     """`size` distinct prompts sampled with `seed`, as {"id", "messages"}, in sample order (reproducible).
 
@@ -321,6 +348,8 @@ def split_eval(pairs, eval_pairs, seed):
             break
         held.add(k)
     if len(held) == len(keys):
+        if eval_pairs < 1:  # a share of a very small set (one prompt): train on it, hold nothing out (the caller warns)
+            return list(pairs), []
         raise DataError(f"trainset.eval_pairs={eval_pairs} would hold out all {len(pairs)} passing pairs; lower it")
     return [r for r in pairs if prompt_key(r) not in held], [r for r in pairs if prompt_key(r) in held]
 

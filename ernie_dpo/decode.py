@@ -504,12 +504,21 @@ def answer_logps(model, prompt_ids, answer_ids):
     import paddle
 
     ids = list(prompt_ids) + list(answer_ids)
+    total = 0.0
     with paddle.no_grad():
         hidden = model.model(input_ids=paddle.to_tensor([ids]), return_dict=True).last_hidden_state
-        # logits only where an answer token is predicted: positions len(prompt) - 1 ... len(ids) - 2
-        h = hidden[:, len(prompt_ids) - 1:len(ids) - 1, :]
-        logits = model.lm_head(h).astype("float32")[0]
-        # log-softmax as logits - logsumexp: Paddle 3.3's CPU log_softmax kernel took 135 s for [444, 49152]
-        logp = logits - paddle.logsumexp(logits, axis=-1, keepdim=True)
-        picked = paddle.take_along_axis(logp, paddle.to_tensor(np.asarray(answer_ids, dtype="int64")[:, None]), 1)
-    return float(picked.sum()), len(answer_ids)
+        # logits only where an answer token is predicted: positions len(prompt) - 1 ... len(ids) - 2, in chunks of
+        # ANSWER_CHUNK positions: [answer length, vocabulary] float32 logits at once would be 1.7 GB for a 4k-token
+        # answer and a 103k vocabulary (each position's log-probability does not depend on the others')
+        for start in range(0, len(answer_ids), ANSWER_CHUNK):
+            at = len(prompt_ids) - 1 + start
+            chunk = list(answer_ids[start:start + ANSWER_CHUNK])
+            logits = model.lm_head(hidden[:, at:at + len(chunk), :]).astype("float32")[0]
+            # log-softmax as logits - logsumexp: Paddle 3.3's CPU log_softmax kernel took 135 s for [444, 49152]
+            logp = logits - paddle.logsumexp(logits, axis=-1, keepdim=True)
+            picked = paddle.take_along_axis(logp, paddle.to_tensor(np.asarray(chunk, dtype="int64")[:, None]), 1)
+            total += float(picked.sum())
+    return total, len(answer_ids)
+
+
+ANSWER_CHUNK = 512

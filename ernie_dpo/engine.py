@@ -179,23 +179,27 @@ def use_all_cpu_cores():
     return n
 
 
-def gpu_capability():
-    """(major, minor) compute capability of the first visible GPU, or None without one."""
+def gpu_capability(devices="0"):
+    """The lowest (major, minor) compute capability among the GPUs `devices` names (engine.devices, indices into the
+    visible GPUs): one pre-Ampere card among them decides the settings of all. None without a GPU."""
     import paddle
 
     if not paddle.is_compiled_with_cuda() or paddle.device.cuda.device_count() == 0:
         return None
-    return tuple(paddle.device.cuda.get_device_capability())
+    found = paddle.device.cuda.device_count()
+    ids = [int(d) for d in str(devices).split(",") if d.strip() and int(d) < found] or [0]
+    return min(tuple(paddle.device.cuda.get_device_capability(i)) for i in ids)
 
 
-def device_settings(device, capability=None):
-    """Engine YAML keys for the device; on a GPU they depend on its compute capability (looked up when not given;
-    unknown, e.g. when a GPU config is written on a CPU machine: Ampere or later assumed)."""
+def device_settings(device, capability=None, devices="0"):
+    """Engine YAML keys for the device; on a GPU they depend on the compute capability of every GPU trained on
+    (looked up when not given; unknown, e.g. when a GPU config is written on a CPU machine: Ampere or later
+    assumed)."""
     if device not in ("cpu", "gpu"):
         raise ValueError(f"engine.device must be 'cpu' or 'gpu', got {device!r}")
     if device == "cpu":
         return dict(CPU_SETTINGS)
-    capability = capability or gpu_capability() or (8, 0)
+    capability = capability or gpu_capability(devices) or (8, 0)
     return dict(GPU_SETTINGS if tuple(capability) >= (8, 0) else GPU_SETTINGS_PRE_AMPERE)
 
 
@@ -207,7 +211,7 @@ def inference_dtype(device, capability=None):
 
 
 def _common(model, data_path, out_dir, device, seed, max_seq_len, max_steps, warmup_steps, learning_rate,
-            global_batch_size, save_steps):
+            global_batch_size, save_steps, devices="0"):
     """Keys every training run shares. per_device batch = global batch (one device, no accumulation) as in the recipe."""
     cfg = {
         "model_name_or_path": str(model),
@@ -241,7 +245,7 @@ def _common(model, data_path, out_dir, device, seed, max_seq_len, max_steps, war
                     "save_checkpoint_format": "unified_checkpoint", "load_checkpoint_format": "unified_checkpoint"})
     else:
         cfg["save_strategy"] = "no"
-    cfg.update(device_settings(device))
+    cfg.update(device_settings(device, devices=devices))
     return cfg
 
 
@@ -264,7 +268,8 @@ def dpo_config(model, data_path, out_dir, device, p, e=None, eval_path=None):
     if p["fine_tuning"] not in ("lora", "full"):
         raise ValueError(f"train.fine_tuning must be 'lora' or 'full', got {p['fine_tuning']!r}")
     cfg = _common(model, data_path, out_dir, device, p["seed"], p["max_seq_len"], p["max_steps"], p["warmup_steps"],
-                  p["learning_rate"], p["global_batch_size"], p.get("save_steps", 0))
+                  p["learning_rate"], p["global_batch_size"], p.get("save_steps", 0),
+                  devices=e["devices"] if e is not None else "0")
     cfg.update({
         "stage": "DPO",
         "max_prompt_len": int(p["max_prompt_len"]),
@@ -391,6 +396,11 @@ def console_script():
     return str(path)
 
 
+# The launcher's own log folder: outside every DVC output (logs/train is one), so nothing it writes reaches the DVC
+# cache, a remote or a checkpoint bucket; git-ignored (logs/.gitignore). The engine's output is in logs/train/engine.log.
+LAUNCHER_LOGS = Path("logs/launcher")
+
+
 def launch_command(command, cfg_path, device, devices="0", nnodes=1, env=None):
     """The argument list that runs `command` (train | export) on `cfg_path`.
 
@@ -400,7 +410,7 @@ def launch_command(command, cfg_path, device, devices="0", nnodes=1, env=None):
     cpu: one process running this module, which starts the engine's launcher in-process.
     """
     if device == "gpu":
-        cmd = [sys.executable, "-m", "paddle.distributed.launch", "--log_dir", str(Path(cfg_path).parent / "dist_log"),
+        cmd = [sys.executable, "-m", "paddle.distributed.launch", "--log_dir", str(LAUNCHER_LOGS / command),
                "--gpus", str(devices)]
         if int(nnodes) > 1:
             env = os.environ if env is None else env
@@ -444,10 +454,26 @@ LAUNCH_FLAGS = {"FLAGS_set_to_1d": "False", "NVIDIA_TF32_OVERRIDE": "0", "FLAGS_
 RUN_MARK = "ERNIE_DPO_ENGINE_RUN"  # in every engine process's environment: how run() finds them all to stop them
 
 
+# Names of variables that carry credentials. The engine and the inference servers need none of them (models and data
+# are local files by then), and Paddle's GPU launcher writes its whole environment into its log folder
+# (backup_env.<rank>.json, envlog.<rank>, the pod log): what the engine never receives, it cannot write anywhere.
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|AUTH|COOKIE|SESSION|"
+                         r"CONNECTION_STRING|DATABASE_URL|(^|_)(KEY|PAT|AK|SK|PWD|DSN)$", re.IGNORECASE)
+NOT_SECRET = {"TOKENIZERS_PARALLELISM", "HF_HUB_DISABLE_IMPLICIT_TOKEN", "AISTUDIO_HUB_DISABLE_IMPLICIT_TOKEN"}
+_PROXY_USER = re.compile(r"(://)[^/@\s]+@")  # http://user:password@proxy:3128 -> http://proxy:3128
+
+
+def without_secrets(env):
+    """env without the variables whose names say they carry a credential (SECRET_NAME, except NOT_SECRET's
+    switches), and proxies without their user:password."""
+    out = {k: v for k, v in env.items() if k in NOT_SECRET or not SECRET_NAME.search(k)}
+    return {k: _PROXY_USER.sub(r"\1", v) if k.lower().endswith("_proxy") else v for k, v in out.items()}
+
+
 def launch_env(env=None):
     """The environment the engine starts with: the CLI's (stale PADDLE_* cleared, its flags set unless the user set
-    them), unbuffered output, and a mark naming this run."""
-    full = {k: v for k, v in os.environ.items() if k not in STALE_LAUNCH_ENV}
+    them), no credentials (without_secrets), unbuffered output, and a mark naming this run."""
+    full = {k: v for k, v in without_secrets(os.environ).items() if k not in STALE_LAUNCH_ENV}
     full.update(env or {})
     for k, v in LAUNCH_FLAGS.items():
         full.setdefault(k, v)

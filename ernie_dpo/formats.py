@@ -33,7 +33,7 @@ class Invalid(Exception):
 
 class Unreadable:
     """A JSONL line that is not a JSON object. It stays in the record list so prepare_records counts it as a drop
-    (with its line number) instead of one bad line stopping a whole file; `record` is what goes to rejects.jsonl."""
+    (with its line number) instead of one bad line stopping a whole file; `record` is what goes to rejects.json."""
 
     def __init__(self, reason, detail, record):
         self.reason, self.detail, self.record = reason, detail, record

@@ -26,20 +26,26 @@ import json
 from pathlib import Path
 
 SPEC_NAME = "length_probe.json"
+START_NAME = "length_probe_step0.json"  # in the checkpoint folder: step 0's probe, for a resumed run
 MARK = "ERNIE_DPO_LENGTH_PROBE "
 STOP_MARK = "ERNIE_DPO_STOPPED_LONGER "
+FAILED_MARK = "ERNIE_DPO_PROBE_FAILED "
 
 
 BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED = 2000, 2025
 
 
 def write_spec(path, prompts, seeds, stop_ids, pad_id, every, max_new_tokens, temperature, top_p, batch_size,
-               stop_share, stop_probes, scored=()):
+               stop_share, stop_probes, scored=(), start_file=None, bootstrap_samples=BOOTSTRAP_SAMPLES,
+               bootstrap_seed=BOOTSTRAP_SEED):
     """prompts: token id lists (the validation prompts, encoded as inference encodes them); scored: [prompt ids,
-    chosen answer ids] pairs whose per-token NLL each probe reports (the held-out likelihood)."""
+    chosen answer ids] pairs whose per-token NLL each probe reports (the held-out likelihood); start_file: where
+    step 0's probe is kept for a resumed run (next to the checkpoints)."""
     spec = {"prompts": prompts, "seeds": seeds, "stop_ids": sorted(stop_ids), "pad_id": pad_id, "every": every,
             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "batch_size": batch_size,
-            "stop_share": stop_share, "stop_probes": stop_probes, "scored": [list(map(list, s)) for s in scored]}
+            "stop_share": stop_share, "stop_probes": stop_probes, "scored": [list(map(list, s)) for s in scored],
+            "start_file": str(start_file) if start_file else None, "bootstrap_samples": bootstrap_samples,
+            "bootstrap_seed": bootstrap_seed}
     Path(path).write_text(json.dumps(spec) + "\n")
 
 
@@ -52,12 +58,13 @@ def summary(lengths_chars, tokens, finishes):
             "cut_share": round(sum(f == "length" for f in finishes) / len(finishes), 3)}
 
 
-def versus_start(first, now):
+def versus_start(first, now, n_resamples=BOOTSTRAP_SAMPLES, seed=BOOTSTRAP_SEED):
     """Median reply chars of this probe minus step 0's, with its paired 95% bootstrap interval (same prompts, same
-    seeds: each resample keeps both replies of a prompt together, as the evaluate stage does)."""
+    seeds: each resample keeps both replies of a prompt together, as the evaluate stage does; evaluate.* sets the
+    resamples and seed)."""
     from .bootstrap import bootstrap_delta
 
-    d, lo, hi = bootstrap_delta(first, now, "median", BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED)
+    d, lo, hi = bootstrap_delta(first, now, "median", n_resamples, seed)
     return {"delta_chars_median": round(d, 1), "delta_chars_median_ci_low": round(lo, 1),
             "delta_chars_median_ci_high": round(hi, 1)}
 
@@ -67,10 +74,10 @@ def should_stop(history, share, probes):
     the probe's median minus step 0's). True when the last `probes` probes all have a median above (1 + share) x
     step 0's AND an interval entirely above 0: a growth the probe cannot tell from sampling noise stops nothing.
     share 0: never."""
-    if not share or len(history) < probes + 1:
+    if not share or len(history) < probes + 1 or history[0][0] != 0:
         return False
     start = history[0][1]
-    return all(median > (1 + share) * start and low > 0 for _, median, low in history[-probes:])
+    return all(median is not None and median > (1 + share) * start and low > 0 for _, median, low in history[-probes:])
 
 
 def causal_lm(model):
@@ -99,7 +106,14 @@ def make_callback(spec_path, tokenizer_dir):
 
     class LengthProbe(TrainerCallback):
         def __init__(self):
+            # step 0 is the reference of every later probe; it is kept next to the checkpoints (spec "start_file"),
+            # so a run resumed after a kill still compares with step 0, not with its own first probe
             self.history, self.first = [], None
+            start = Path(spec["start_file"]) if spec.get("start_file") else None
+            if start is not None and start.is_file():
+                first = json.loads(start.read_text())
+                self.first = first["chars"]
+                self.history.append((0, first["chars_median"], 0.0))
 
         def probe(self, step, model):
             lm = causal_lm(model)
@@ -127,11 +141,15 @@ def make_callback(spec_path, tokenizer_dir):
             s = {"step": step, **summary(chars, [len(out[i][0]) for i in range(len(out))],
                                          [out[i][1] for i in range(len(out))]),
                  "chars": chars, "nll_per_token": nll}
-            if self.first is None:
-                self.first = chars
             low = 0.0
-            if step > 0:
-                s.update(versus_start(self.first, chars))
+            if step == 0:
+                self.first = chars
+                if spec.get("start_file"):
+                    Path(spec["start_file"]).parent.mkdir(parents=True, exist_ok=True)
+                    Path(spec["start_file"]).write_text(json.dumps(s) + "\n")
+            elif self.first is not None:  # no step 0 (it failed): no comparison, and nothing to stop on
+                s.update(versus_start(self.first, chars, spec.get("bootstrap_samples", BOOTSTRAP_SAMPLES),
+                                      spec.get("bootstrap_seed", BOOTSTRAP_SEED)))
                 low = s["delta_chars_median_ci_low"]
             print(MARK + json.dumps(s), flush=True)
             self.history.append((step, s["chars_median"], low))
@@ -144,16 +162,27 @@ def make_callback(spec_path, tokenizer_dir):
                 return bool(int(flag.numpy()[0]))
             return stop
 
+        def safe_probe(self, step, model):
+            """A probe that fails (the project's decode loop on an engine-wrapped model, out of memory on a GPU, ...)
+            is reported and skipped: a measurement must never take the training run down with it."""
+            try:
+                self.probe(step, model)
+                return True
+            except Exception as e:  # noqa: BLE001 -- any failure of the measurement, reported, never fatal
+                print(FAILED_MARK + json.dumps({"step": step, "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)
+                if step > 0:
+                    self.history.append((step, None, None))  # breaks a run of longer probes: "in a row" means it
+                return False
+
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if state.global_step == 0 and state.is_world_process_zero:
-                self.probe(0, model)
+                self.safe_probe(0, model)
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step % spec["every"] and state.global_step != args.max_steps:
                 return
             stop = False
-            if state.is_world_process_zero:
-                self.probe(state.global_step, model)
+            if state.is_world_process_zero and self.safe_probe(state.global_step, model):
                 stop = should_stop(self.history, spec["stop_share"], spec["stop_probes"])
             if self.stop_everywhere(stop):
                 if state.is_world_process_zero:
@@ -184,7 +213,7 @@ def install(cfg_path):
 
 def parse_line(line):
     """(kind, dict) for a probe or stop line of the engine log, else None."""
-    for kind, mark in (("probe", MARK), ("stopped", STOP_MARK)):
+    for kind, mark in (("probe", MARK), ("stopped", STOP_MARK), ("failed", FAILED_MARK)):
         at = line.find(mark)
         if at >= 0:
             return kind, json.loads(line[at + len(mark):])

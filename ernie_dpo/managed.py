@@ -15,6 +15,7 @@ queued experiments (each with its models/merged in a temp folder) would all be a
   log tail. The server's whole log is a stage output (logs/servers/<stage>.log).
 - The server runs in its own process group, ended (SIGTERM, then SIGKILL) on success, failure and Ctrl-C.
 """
+import os
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .common import fingerprint, get_logger
-from .engine import stop_group
+from .engine import stop_group, without_secrets
 from .openai_client import ServedError, served_models
 
 log = get_logger("managed")
@@ -71,7 +72,10 @@ def managed_server(command, model_dir, log_path, ready_timeout_s, host="127.0.0.
     log.info("starting the inference server for %s as %r on %s: %s (log: %s)", model_dir, name, url,
              " ".join(argv), log_path)
     with open(log_path, "w", encoding="utf-8") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        # no credentials in the server's environment: it serves a local directory, and servers log their
+        # environment (the log is a DVC output)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=without_secrets(os.environ))
         try:
             start = time.time()
             while True:

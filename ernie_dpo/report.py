@@ -29,6 +29,7 @@ RECIPE = [
     ("exp3", "rejected ≥ 2× chosen, 1804 pairs", "1804 steps, warmup 50", 1145.1, 412),
     ("exp4", "rejected ≥ 2× chosen, 1804 pairs", "3608 steps, warmup 360", 628.1, 331),
 ]
+NAMES = ("exp1", "exp2", "exp3", "exp4")  # the recipe's experiments as named DVC experiments (`ernie-dpo series`)
 HEADERS = ["Experiment", "Training set", "Training parameters", "↓ mean length", "↓ median length",
            "Δ mean [95% CI]", "Δ median [95% CI]", "held-out reward acc.", "probe median while training",
            "probes passed", "retention", "verdict"]
@@ -188,11 +189,28 @@ def compare(lengths, n_resamples, seed):
     return out
 
 
-def render_comparisons(comparisons):
+def power_from_interval(c, stat, n):
+    """(≈ MDE, ≈ prompts needed) for a comparison saved before the power columns existed (its per-prompt replies live
+    in experiment refs, not in git): the SD of the Δ read off its 95% interval, (ci_high - ci_low) / (2 x 1.96), a
+    normal approximation of the bootstrap's own SD."""
+    from .stats import Z_ALPHA, Z_POWER, prompts_needed
+
+    mde = (Z_ALPHA + Z_POWER) * (c[stat]["ci_high"] - c[stat]["ci_low"]) / (2 * 1.96)
+    return mde, prompts_needed(n, mde, c[stat]["recipe_delta"]) if n else None
+
+
+def render_comparisons(comparisons, n_prompts=None):
     """The questions table, and up front how many of its intervals decide anything at all. Comparisons saved before
-    the power columns existed show a dash there."""
+    the power columns existed get them approximated from their intervals, marked ≈ (power_from_interval)."""
     def power(c, key, fmt):
-        return " / ".join(fmt(c[f"{s}_{key}"]) if c.get(f"{s}_{key}") is not None else "—" for s in ("mean", "median"))
+        cells = []
+        for s in ("mean", "median"):
+            if c.get(f"{s}_{key}") is not None:
+                cells.append(fmt(c[f"{s}_{key}"]))
+            else:
+                value = power_from_interval(c, s, n_prompts)[0 if key == "mde80" else 1]
+                cells.append("≈ " + fmt(value) if value is not None else "—")
+        return " / ".join(cells)
 
     body = [[f"{c['later']} − {c['earlier']}", c["question"]]
             + [f"{c[s]['delta']:+.1f} [{c[s]['ci_low']:+.1f}, {c[s]['ci_high']:+.1f}] vs {c[s]['recipe_delta']:+.1f}: "
@@ -200,7 +218,7 @@ def render_comparisons(comparisons):
             + [power(c, "mde80", lambda x: f"{x:.1f}"), power(c, "prompts_needed", lambda x: f"{x:d}")]
             for c in comparisons]
     decided = sum(not c[s]["verdict"].startswith("undecided") for c in comparisons for s in ("mean", "median"))
-    n = next((c["prompts"] for c in comparisons if "prompts" in c), None)
+    n = next((c["prompts"] for c in comparisons if "prompts" in c), n_prompts)
     lines = ["", "The recipe's questions (Δ = the later experiment's replies − the earlier one's, same prompts, 95% "
              "paired bootstrap interval, vs the recipe's own difference on ERNIE-4.5-0.3B):", "",
              f"{decided} of {2 * len(comparisons)} intervals exclude 0; the others cannot decide their question"
@@ -256,7 +274,7 @@ def render(rows, names, short_sha=lambda rev: str(rev)[:7], comparisons=None):
         "(ernie_dpo/stats.py length_verdict). \"quality not checked\": metrics from before these checks.",
     ]
     if comparisons:
-        lines += render_comparisons(comparisons)
+        lines += render_comparisons(comparisons, int(first["baseline.replies"]))
     if problems:
         lines += ["", "Missing:"] + [f"- {p}" for p in problems]
     lines += ["", "For comparison, the original recipe on ERNIE-4.5-0.3B (200 prompts; its numbers, not produced here):",
@@ -362,11 +380,20 @@ def plot_bars(data, model, path):
     fig.savefig(path, dpi=100)
 
 
+def committed(out):
+    """No experiment of the series in this repository (a fresh clone: `git clone` does not bring experiment refs):
+    the committed report, re-rendered from the rows it was made from, and how to get the experiments themselves."""
+    saved = json.loads(out.with_suffix(".json").read_text())
+    text = render(saved["rows"], saved["names"], saved["shas"].get, saved["comparisons"])
+    print(text)
+    print(f"\n(No experiment named {', '.join(saved['names'])} in this repository: this is the committed {out}, "
+          "re-rendered from its rows. To browse the experiments themselves, fetch them from the DVC/git remote they "
+          "were pushed to: `dvc exp pull origin --all-commits` (or `dvc exp list origin`), or run `ernie-dpo series`.)")
+
+
 def main(argv=None):
     """`ernie-dpo report`: metrics/report.md and the bar chart from `dvc exp show`."""
     import dvc.api
-
-    from .series import NAMES
 
     ap = argparse.ArgumentParser(prog="ernie-dpo report", description=REPORT_HELP,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -375,6 +402,8 @@ def main(argv=None):
     ap.add_argument("--commits", type=int, default=10, help="how many recent commits to look for experiments on")
     args = ap.parse_args(argv)
     rows = dvc.api.exp_show(num=args.commits)
+    if not find(rows, args.names) and list(args.names) == list(NAMES) and Path(args.out).with_suffix(".json").is_file():
+        return committed(Path(args.out))
     try:
         found = find(rows, args.names)
         shas = {r["baseline_rev"]: short_sha(r["baseline_rev"]) for r in found.values()}

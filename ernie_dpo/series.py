@@ -50,9 +50,8 @@ from pathlib import Path
 
 from .common import get_logger, load_params, read_json, read_jsonl
 from .data import DataError, pool_outside, select_pairs, split_eval
-from .report import find
+from .report import NAMES, find
 
-NAMES = ("exp1", "exp2", "exp3", "exp4")
 
 
 def count_pairs(pool, baseline_mean, tolerance, eval_pairs=0, seed=2025):

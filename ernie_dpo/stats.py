@@ -47,9 +47,9 @@ def loops(text, min_chars=20, times=3):
 # way a reply declines. Sympathy is not refusal: "I'm sorry to hear that" / "I'm sorry for your loss" (很遗憾听到)
 # open many helpful answers and are left out.
 REFUSAL_MARKERS = [
-    r"\bi(?:'m| am) sorry\b(?! to hear| for your)", r"\bi apologi[sz]e\b", r"\bi (?:cannot|can't|can not)\b",
+    r"\bi(?:'m| am) sorry\b(?! to hear| for your)", r"\bi apologi[sz]e\b", r"\bi (?:cannot|can't|can not)\b(?! wait)",
     r"\bi(?:'m| am) (?:not able|unable)\b", r"\bas an ai\b", r"\bas a language model\b",
-    r"抱歉", r"对不起", r"很遗憾(?!听到)", r"我无法", r"我不能", r"作为一个?(?:ai|人工智能)",
+    r"抱歉(?!听到)", r"对不起", r"很遗憾(?!听到)", r"我无法", r"我不能", r"作为一个?(?:ai|人工智能)",
 ]
 _REFUSAL = re.compile("|".join(REFUSAL_MARKERS), re.IGNORECASE)
 # A refusal says so at once: a marker within the reply's first REFUSAL_HEAD_CHARS characters. That covers the whole
@@ -175,9 +175,11 @@ def length_verdict(delta, likelihood=None):
     delta: the evaluate stage's "delta" (chars_mean/_median with _ci_low/_ci_high; the quality Δs QUALITY_CHECKS
     names, each with _ci_low/_ci_high). likelihood (optional): {"delta_nll_per_token", "..._ci_low", "..._ci_high"},
     tuned - base per-token NLL of held-out chosen answers, when a stage measured it.
-    verdict: "shorter" (a length interval below 0, quality held), "shorter but degraded" (below 0, and a quality
-    sign moved past its limit), "longer" (a length interval above 0), or "no detectable change". reasons say why,
-    including quality signs that could not be checked (older metrics without them).
+    verdict: "shorter" (a length interval below 0, none above, quality held), "shorter but degraded" (below 0, and
+    a quality sign moved past its limit), "longer" (a length interval above 0, none below), "mixed" (the median's
+    and the mean's intervals on opposite sides of 0: most replies shorter, a few much longer, or the reverse), or
+    "no detectable change". reasons say why, including what could not be checked (older metrics without the quality
+    Δs; no held-out likelihood).
     """
     reasons, degraded, missing = [], False, []
     for key, sign, limit, what in QUALITY_CHECKS:
@@ -195,12 +197,17 @@ def length_verdict(delta, likelihood=None):
                            "became less likely")
     if missing:
         reasons.append(f"quality not checked: no interval for {', '.join(missing)}")
+    if not likelihood:
+        reasons.append("held-out likelihood not checked (no likelihood.* from the train stage)")
     def bound(stat, end):
         x = delta.get(f"chars_{stat}_ci_{end}")
         return x if _number(x) else math.nan  # nan < 0 and nan > 0 are both False: a missing interval decides nothing
 
     below = [s for s in ("median", "mean") if bound(s, "high") < 0]
     above = [s for s in ("median", "mean") if bound(s, "low") > 0]
+    if below and above:  # e.g. most replies shorter but a few running away: the recipe's exp3 pattern
+        reasons.insert(0, f"{below[0]} length interval below 0 but {above[0]} interval above 0")
+        return "mixed", reasons
     if below:
         reasons.insert(0, f"{' and '.join(below)} length interval below 0")
         return ("shorter but degraded" if degraded else "shorter"), reasons

@@ -1,5 +1,4 @@
 """analyze: chosen/rejected character lengths of the prepared data -> metrics, plot data and a histogram PNG."""
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -7,9 +6,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
-# queued experiments in copies of the repository, which must run their own code
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo.common import (
     get_logger,
     labels,

@@ -22,9 +22,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
-# queued experiments in copies of the repository, which must run their own code
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo import engine, generate, gguf_model, tiny
 from ernie_dpo.common import (
     get_logger,

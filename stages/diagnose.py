@@ -7,7 +7,6 @@ model's own answers". Writes metrics/pairs.json (summary + warnings) and metrics
 Warnings (trivially separable pairs, off-policy rejected answers) are logged loudly and kept in the metrics; they
 do not stop the pipeline.
 """
-import sys
 import random
 from pathlib import Path
 
@@ -16,9 +15,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
-# queued experiments in copies of the repository, which must run their own code
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo import diagnose, tokens
 from ernie_dpo.common import (
     get_logger,

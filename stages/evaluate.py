@@ -4,8 +4,8 @@ Beside length: is a reply still an answer (refusals, a short phrase repeated, di
 replies), tuned - baseline of each with its paired interval, the smallest difference the test set could detect
 (_mde80), and delta.verdict: "shorter" only when the replies got shorter AND none of those got worse.
 
-    python stages/evaluate.py --name baseline --replies data/infer/baseline.jsonl --out metrics/baseline.json
-    python stages/evaluate.py --name tuned --replies data/infer/tuned.jsonl --baseline data/infer/baseline.jsonl \
+    python -m stages.evaluate --name baseline --replies data/infer/baseline.jsonl --out metrics/baseline.json
+    python -m stages.evaluate --name tuned --replies data/infer/tuned.jsonl --baseline data/infer/baseline.jsonl \
         --out metrics/tuned.json
 """
 import sys
@@ -17,9 +17,6 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
-# queued experiments in copies of the repository, which must run their own code
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo.common import (
     get_logger,
     labels,

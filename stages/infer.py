@@ -1,6 +1,6 @@
 """infer: answer every test prompt with one model (baseline or tuned), sampling as the recipe does.
 
-    python stages/infer.py --model models/base --out data/infer/baseline.jsonl
+    python -m stages.infer --model models/base --out data/infer/baseline.jsonl
 
 infer.backend local samples here (continuous batching); managed starts the server infer.managed.command on --model
 for this stage alone; openai sends each prompt to a server someone runs at infer.openai.baseline_url / tuned_url
@@ -14,9 +14,6 @@ sampling settings with top_k off, stop tokens, replies/s, new tokens/s) to metri
 import sys
 from pathlib import Path
 
-# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
-# queued experiments in copies of the repository, which must run their own code
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo import engine
 from ernie_dpo.common import (
     fingerprint,

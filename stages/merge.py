@@ -2,12 +2,8 @@
 trained model itself, hard-linked file by file (no gigabytes copied; DVC stores identical files once in its cache)."""
 import os
 import shutil
-import sys
 from pathlib import Path
 
-# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
-# queued experiments in copies of the repository, which must run their own code
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo import engine
 from ernie_dpo.common import get_logger, load_params, stage_parser
 

@@ -6,11 +6,7 @@ ERNIEKit's DPO jsonl (src/tgt/response/sort); a JSON list or JSONL. data.format:
 The stage FAILS when fewer than prepare.min_records records survive (a wrong file or format is never an empty run).
 """
 import sys
-from pathlib import Path
 
-# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
-# queued experiments in copies of the repository, which must run their own code
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo.common import (
     get_logger,
     load_params,
@@ -33,17 +29,22 @@ def main():
     except DataError as e:
         sys.exit(f"prepare: {e}")
     write_jsonl("data/prepared/dpo.jsonl", kept)
-    write_jsonl("data/prepared/rejects.jsonl", rejects)
+    # one JSON document, never an empty file (DVC warns about every empty output): the drops with their reasons
+    write_json("data/prepared/rejects.json", {"data_file": raw_path, "records_dropped": len(rejects),
+                                              "dropped_by_reason": counts["dropped"], "records": rejects})
     write_json("metrics/prepare.json", {"prepare": {"data_file": raw_path, "data_format": counts["format"],
                                                     "records_read": counts["read"], "records_kept": counts["kept"],
                                                     "records_dropped": sum(counts["dropped"].values()),
                                                     "dropped_by_reason": counts["dropped"]}})
-    log.info("%s (%s): read %d records, kept %d, dropped %d %s (see data/prepared/rejects.jsonl)", raw_path,
+    log.info("%s (%s): read %d records, kept %d, dropped %d %s (see data/prepared/rejects.json)", raw_path,
              counts["format"], counts["read"], counts["kept"], len(rejects), counts["dropped"])
+    if counts["read"] == 0:
+        sys.exit(f"prepare: {raw_path} holds no records (an empty list or file). Accepted formats: "
+                 "docs/data_formats.md")
     if counts["kept"] < params["prepare"]["min_records"]:
         example = f"; first drop: {rejects[0]['reason']}: {rejects[0]['detail']}" if rejects else ""
         sys.exit(f"prepare: only {counts['kept']} of {counts['read']} records of {raw_path} are usable as "
-                 f"{counts['format']} preference pairs (prepare.min_records is {params['prepare']['min_records']})"
+                 f"{counts['format'] or 'any known'} preference pairs (prepare.min_records is {params['prepare']['min_records']})"
                  f"{example}. Accepted formats: docs/data_formats.md; force one with -S data.format=<name>.")
 
 

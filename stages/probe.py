@@ -1,7 +1,7 @@
 """probe: the forgetting check. One model answers the fixed probes (same sampling as infer); the checks are scored.
 
-    python stages/probe.py --name baseline --model models/base
-    python stages/probe.py --name tuned --model models/merged    # also writes retention = tuned / baseline pass rate
+    python -m stages.probe --name baseline --model models/base
+    python -m stages.probe --name tuned --model models/merged    # also writes retention = tuned / baseline pass rate
 
 Each probe is asked probes.samples times. Writes data/probes/<name>.jsonl (every reply with pass/fail) and
 metrics/probes_<name>.json. Progress is resumable like infer (data/infer/partial/probes_<name>-<key>.jsonl), and
@@ -10,9 +10,6 @@ infer.backend applies here too.
 import sys
 from pathlib import Path
 
-# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
-# queued experiments in copies of the repository, which must run their own code
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo import engine
 from ernie_dpo.common import (
     fingerprint,

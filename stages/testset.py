@@ -2,11 +2,7 @@
 validation split (testset.validation_size other prompts): what the length probes and the held-out likelihood look at
 while training, so that settings are chosen on validation and the test set gives the final number once."""
 import sys
-from pathlib import Path
 
-# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
-# queued experiments in copies of the repository, which must run their own code
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo.common import (
     get_logger,
     load_params,
@@ -15,7 +11,7 @@ from ernie_dpo.common import (
     write_json,
     write_jsonl,
 )
-from ernie_dpo.data import DataError, make_testset, make_validation
+from ernie_dpo.data import DataError, distinct_prompts, fit_sizes, make_testset, make_validation
 
 log = get_logger("testset")
 
@@ -26,8 +22,11 @@ def main():
     p = params["testset"]
     records = read_jsonl("data/prepared/dpo.jsonl")
     try:
-        test = make_testset(records, p["size"], p["seed"], p["keep_system"])
-        validation = make_validation(records, test, p["validation_size"], p["seed"], p["keep_system"])
+        size, validation_size, note = fit_sizes(distinct_prompts(records), p["size"], p["validation_size"])
+        if note:
+            log.warning("testset: %s", note)
+        test = make_testset(records, size, p["seed"], p["keep_system"])
+        validation = make_validation(records, test, validation_size, p["seed"], p["keep_system"])
     except DataError as e:
         sys.exit(f"testset: {e}")
     write_jsonl("data/testset/testset.jsonl", test)
@@ -37,7 +36,8 @@ def main():
     write_json("metrics/testset.json", {"testset": {"data": params["data"]["raw_path"], "prompts": len(test),
                                                     "multi_turn_prompts": n_multi,
                                                     "prompts_with_system": n_sys,
-                                                    "validation_prompts": len(validation)}})
+                                                    "validation_prompts": len(validation),
+                                                    "sizes_adapted_to_data": bool(note)}})
     log.info("sampled %d of %d records (seed %d, keep_system=%s): %d multi-turn, %d with a system prompt; %d other "
              "prompts for validation", len(test), len(records), p["seed"], p["keep_system"], n_multi, n_sys,
              len(validation))

@@ -32,9 +32,6 @@ import matplotlib.pyplot as plt
 from dvclive import Live
 from tqdm import tqdm
 
-# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
-# queued experiments in copies of the repository, which must run their own code
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo import engine, length_probe, tokens
 from ernie_dpo.common import (
     fingerprint,
@@ -153,9 +150,10 @@ def probe_summary(probes, prompts):
     """metrics/train.json's dpo.length_probe: step 0 and the last probe on the validation prompts, the last one's
     median minus step 0's with its paired 95% interval (the same prompts and seeds), and the cap it was held to."""
     first, final = probes[0], probes[-1]
-    out = {"prompts": prompts, "probes": len(probes), "step0_chars_median": first["chars_median"],
-           "final_chars_median": final["chars_median"], "step0_chars_mean": first["chars_mean"],
-           "final_chars_mean": final["chars_mean"], "step0_cut_share": first["cut_share"],
+    start = "step0" if first["step"] == 0 else f"step{first['step']}"  # step 0's probe failed: say which one this is
+    out = {"prompts": prompts, "probes": len(probes), f"{start}_chars_median": first["chars_median"],
+           "final_chars_median": final["chars_median"], f"{start}_chars_mean": first["chars_mean"],
+           "final_chars_mean": final["chars_mean"], f"{start}_cut_share": first["cut_share"],
            "final_cut_share": final["cut_share"]}
     for k in ("delta_chars_median", "delta_chars_median_ci_low", "delta_chars_median_ci_high"):
         if k in final:
@@ -175,7 +173,7 @@ def heldout_likelihood(base, tuned, e):
             "delta_nll_per_token_ci_low": round(lo, 4), "delta_nll_per_token_ci_high": round(hi, 4)}
 
 
-def write_length_probe_spec(params, tokenizer):
+def write_length_probe_spec(params, tokenizer, work):
     """The validation prompts the length probes answer (train.length_probe_prompts of them, 0: all), encoded whole
     as the infer stage encodes a test prompt and with the same per-prompt seeds, and their chosen answers for the
     held-out likelihood. Returns how many prompts."""
@@ -197,7 +195,9 @@ def write_length_probe_spec(params, tokenizer):
         LOGS / length_probe.SPEC_NAME, [tokens.prompt_ids(tokenizer, r["messages"]) for r in validation],
         [prompt_seed(i["seed"], r["id"]) for r in validation], list(stops),
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops), p["length_probe_steps"],
-        cap, i["temperature"], i["top_p"], i["batch_size"], p["stop_if_longer"], p["stop_if_longer_probes"], scored)
+        cap, i["temperature"], i["top_p"], i["batch_size"], p["stop_if_longer"], p["stop_if_longer_probes"], scored,
+        start_file=work / length_probe.START_NAME, bootstrap_samples=params["evaluate"]["bootstrap_samples"],
+        bootstrap_seed=params["evaluate"]["seed"])
     return len(validation)
 
 
@@ -216,7 +216,7 @@ def engine_inputs(params, work):
                  "train.truncate=true")
     eval_fit, eval_pairs = encode_pairs(p, "data/trainset/eval.jsonl", LOGS / "eval_pairs.jsonl", "held-out pairs",
                                         tokenizer)
-    probe_prompts = write_length_probe_spec(params, tokenizer) if p["length_probe_steps"] > 0 else 0
+    probe_prompts = write_length_probe_spec(params, tokenizer, work) if p["length_probe_steps"] > 0 else 0
     try:
         cfg = engine.dpo_config("models/base", LOGS / "pairs.jsonl", work, device, p, e,
                                 eval_path=LOGS / "eval_pairs.jsonl" if eval_pairs else None)
@@ -230,7 +230,7 @@ def engine_inputs(params, work):
 
 
 def worker_node(args, params, work):
-    """Nodes 1..n-1 of a multi-node run (`python stages/train.py --worker-node` after `dvc pull`): the same engine
+    """Nodes 1..n-1 of a multi-node run (`python -m stages.train --worker-node` after `dvc pull`): the same engine
     inputs as node 0, then the same launch with this node's RANK. Node 0 (the dvc stage) writes every output."""
     if int(params["engine"]["nnodes"]) < 2 and not args.print_only:
         sys.exit("train --worker-node: engine.nnodes is 1; worker nodes are for multi-node runs")
@@ -266,18 +266,20 @@ def main():
         resumed.remove(c)
     if resumed:
         log.info("resuming from %s (an earlier run with the same inputs was interrupted)", resumed[-1])
+    else:  # step 0's probe of a run that left no checkpoint: this run probes step 0 again
+        (work / length_probe.START_NAME).unlink(missing_ok=True)
     for d in (OUT, LOGS):
         shutil.rmtree(d, ignore_errors=True)
     cmd, fit, eval_fit, probe_prompts = engine_inputs(params, work)
     if int(e["nnodes"]) > 1:
         log.info("node 0 of %s; on every other node, after `git checkout` of this commit and `dvc pull`, run with its "
-                 "own RANK (1..%d), MASTER_ADDR=<this node> and MASTER_PORT: python stages/train.py --worker-node",
+                 "own RANK (1..%d), MASTER_ADDR=<this node> and MASTER_PORT: python -m stages.train --worker-node",
                  e["nnodes"], int(e["nnodes"]) - 1)
     log.info("launch: %s", " ".join(cmd))
     log.info("DPO (%s, loss %s, beta %s): %d steps, warmup %d, global batch %d, lr %g on %s (engine log: %s)",
              p["fine_tuning"], p["loss_type"], p["beta"], p["max_steps"], p["warmup_steps"], p["global_batch_size"],
              p["learning_rate"], device, LOGS / "engine.log")
-    last, heldout, probes, stopped, eval_passes = {}, {}, [], {}, []
+    last, heldout, probes, stopped, eval_passes, probe_failures = {}, {}, [], {}, [], []
     start = time.time()
     with Live(dir="metrics/dvclive", dvcyaml=None, save_dvc_exp=False, report=None, resume=bool(resumed)) as live, \
             tqdm(total=p["max_steps"], desc="DPO", unit="step") as bar:
@@ -312,6 +314,11 @@ def main():
             kind, data = found
             if kind == "stopped":
                 stopped.update(data)
+                return
+            if kind == "failed":  # reported, never fatal: the run goes on without that probe
+                probe_failures.append(data)
+                log.warning("length probe at step %d FAILED and was skipped (training goes on): %s", data["step"],
+                            data["error"])
                 return
             probes.append(data)
             live.step = data["step"]
@@ -350,14 +357,23 @@ def main():
     final["last_step"] = {k.replace("/", "_"): round(v, 5) for k, v in last.items()
                           if k in CURVES and k != "learning_rate"}
     if heldout:
-        # every held-out pair counted once per pass (engine._each_pair_once): what the eval loop saw, checked
-        if any(n != eval_fit["pairs_trained"] for n in eval_passes):
-            sys.exit(f"train: the engine's eval loop saw {eval_passes} pairs per pass, not the "
-                     f"{eval_fit['pairs_trained']} held-out pairs written to {LOGS / 'eval_pairs.jsonl'}")
-        final["heldout"] = {"pairs": eval_fit["pairs_trained"], "pairs_evaluated": eval_passes[-1] if eval_passes else 0,
+        # every held-out pair counted once per pass (engine._each_pair_once): what the eval loop saw, recorded and
+        # checked (a pair the engine's dataset fails to process is skipped by it, with a printed warning)
+        if not eval_passes or any(n != eval_fit["pairs_trained"] for n in eval_passes):
+            log.warning("the engine's eval loop saw %s pairs per pass, not the %d held-out pairs of %s: its eval_* "
+                        "values are over those", eval_passes or "an unknown number of", eval_fit["pairs_trained"],
+                        LOGS / "eval_pairs.jsonl")
+        final["heldout"] = {"pairs": eval_fit["pairs_trained"],
+                            "pairs_evaluated": eval_passes[-1] if eval_passes else None,
                             **{k[len("eval_"):].replace("/", "_"): round(v, 5) for k, v in heldout.items()
                                if k in EVAL_CURVES}}
     out = {"dpo": final}  # "dpo", not "train": params own train.*
+    start_file = work / length_probe.START_NAME  # step 0's probe, kept by the engine for a resumed run
+    if probes and probes[0]["step"] != 0 and start_file.is_file():
+        probes.insert(0, json.loads(start_file.read_text()))
+    start_file.unlink(missing_ok=True)
+    if probe_failures:
+        final["length_probe_failures"] = len(probe_failures)
     if probes:
         final["length_probe"] = probe_summary(probes, probe_prompts)
         if len(probes) > 1 and probes[0]["step"] == 0 and probes[0]["nll_per_token"]:
@@ -369,8 +385,8 @@ def main():
         sys.exit(f"train: STOPPED at step {stopped['step']} of {p['max_steps']}: replies to the validation prompts grew "
                  f"(median {probes[0]['chars_median']:.0f} chars at step 0 -> {probes[-1]['chars_median']:.0f}, more "
                  f"than train.stop_if_longer={p['stop_if_longer']} above step 0 for "
-                 f"{p['stop_if_longer_probes']} probes in a row, each with a paired 95% interval above 0). The curves are in metrics/plots/dpo_curves.png and "
-                 "metrics/train.json; this run teaches the model to answer LONGER (the recipe's exp3): try "
+                 f"{p['stop_if_longer_probes']} probes in a row, each with a paired 95% interval above 0). The "
+                 "curves are in metrics/plots/dpo_curves.png and metrics/train.json; this run teaches the model to answer LONGER (the recipe's exp3): try "
                  "train.sft_loss_ratio, more warmup, a lower learning rate, or other pairs.")
     # the finished model (not the checkpoints) becomes the DVC output; the work folder is no longer needed
     OUT.mkdir(parents=True)

@@ -1,13 +1,9 @@
-"""trainset: DPO training pairs from the records NOT in the test set, filtered by the recipe's length rules, and
-held-out eval pairs (trainset.eval_pairs) set aside from the same filtered pool: never a test prompt, never a
-training prompt (asserted). The engine evaluates them during training (train.eval_steps); their prompts are also the
-length probes' (train.length_probe_steps)."""
+"""trainset: DPO training pairs from the records NOT in the test set or the validation split, filtered by the
+recipe's length rules, and held-out eval pairs (trainset.eval_pairs) set aside from the same filtered pool: never a
+test, validation or training prompt (asserted). The engine evaluates them during training (train.eval_steps); the
+length probes answer the validation prompts instead (data/testset/validation.jsonl)."""
 import sys
-from pathlib import Path
 
-# this checkout's ernie_dpo before the installed one: the editable install points at the workspace, and DVC runs
-# queued experiments in copies of the repository, which must run their own code
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ernie_dpo.common import (
     get_logger,
     load_params,
@@ -51,6 +47,9 @@ def main():
         pairs = select_pairs(pool, p["strategy"], p["min_ratio"], baseline_mean, p["baseline_tolerance"])
         passed = len(pairs)
         pairs, held_out = split_eval(pairs, p["eval_pairs"], p["seed"])
+        if p["eval_pairs"] and not held_out and pairs:
+            log.warning("trainset: %d passing pair(s) share one prompt: none held out for the engine's eval loop "
+                        "(trainset.eval_pairs %s); the held-out curves will be missing", len(pairs), p["eval_pairs"])
         pairs = sample_down(pairs, p["size"], p["seed"])
     except DataError as e:
         sys.exit(f"trainset: {e}")

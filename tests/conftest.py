@@ -54,7 +54,7 @@ class StageRunner:
         self.root = root
 
     def __call__(self, stage, check=True, args=()):
-        result = subprocess.run([sys.executable, f"stages/{stage}.py", *args], cwd=self.root, env=venv_env(),
+        result = subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=self.root, env=venv_env(),
                                 capture_output=True, text=True)
         if check and result.returncode != 0:
             raise AssertionError(f"stage {stage} failed:\n{result.stdout}\n{result.stderr}")

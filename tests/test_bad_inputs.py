@@ -38,7 +38,7 @@ def test_unusable_files_stop_with_a_message(run_stage, name, message):
 def read(run_stage):
     root = run_stage.root
     kept = [json.loads(x) for x in (root / "data/prepared/dpo.jsonl").read_text().splitlines()]
-    rejects = [json.loads(x) for x in (root / "data/prepared/rejects.jsonl").read_text().splitlines()]
+    rejects = json.loads((root / "data/prepared/rejects.json").read_text())["records"]
     metrics = json.loads((root / "metrics/prepare.json").read_text())["prepare"]
     assert metrics["records_read"] == metrics["records_kept"] + metrics["records_dropped"]  # the counts add up
     assert len(kept) == metrics["records_kept"] and len(rejects) == metrics["records_dropped"]

@@ -163,7 +163,7 @@ def test_sample_generator_is_deterministic(tmp_path, monkeypatch):
 
 def test_data_stages_are_byte_identical_on_rerun(tmp_path, run_stage):
     """prepare / testset / trainset twice from the same params -> the same bytes."""
-    outputs = ["data/prepared/dpo.jsonl", "data/prepared/rejects.jsonl", "data/testset/testset.jsonl",
+    outputs = ["data/prepared/dpo.jsonl", "data/prepared/rejects.json", "data/testset/testset.jsonl",
                "data/trainset/train.jsonl"]
     snapshots = []
     for _ in range(2):
@@ -185,3 +185,13 @@ def test_prepare_stage_reports_a_bad_file_by_name(run_stage):
     assert result.returncode != 0
     assert "prepare: bad.json: expected a JSON list of records, got a JSON dict" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_test_and_validation_sizes_adapt_to_a_small_file_and_are_kept_on_a_large_one():
+    assert data.fit_sizes(295, 60, 24) == (60, 24, None)  # the smol file: as asked
+    assert data.fit_sizes(295, 150, 24) == (150, 24, None)  # raised for power: honoured
+    test, validation, note = data.fit_sizes(30, 60, 24)  # a first file of 30 records
+    assert (test, validation) == (6, 3) and "testset.size 60" in note and "-S testset.size=N" in note
+    assert data.fit_sizes(3, 60, 24)[:2] == (1, 1)
+    with pytest.raises(data.DataError, match="at least 3 are needed"):
+        data.fit_sizes(2, 60, 24)

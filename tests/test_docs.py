@@ -177,22 +177,18 @@ def test_the_makefile_installs_each_lock_with_no_deps_and_the_project():
     assert "www.paddlepaddle.org.cn/packages/stable/cu126/" in r.stdout  # GPU builds from PaddlePaddle's own index
 
 
-def test_only_stage_scripts_edit_sys_path_and_only_to_put_their_own_checkout_first():
+def test_no_file_edits_sys_path_and_dvc_runs_every_stage_as_a_module_of_its_checkout():
     """The project is an installed package (pyproject.toml, `make install`): benchmarks, experiments and tests import
-    `ernie_dpo` as installed. Stage scripts alone put their own checkout first (DVC runs queued experiments in copies
-    of the repository, and the editable install points at the workspace: tests/test_dvc_deps.py), with one line."""
+    `ernie_dpo` as installed. Stages are run as `python -m stages.<name>` from the repository root, so they import the
+    ernie_dpo of the checkout they run in (DVC runs queued experiments in copies of the repository, and the editable
+    install points at the workspace: tests/test_dvc_deps.py) without any file editing sys.path."""
     from conftest import repo_files
 
-    own_checkout = "sys.path.insert(0, str(Path(__file__).resolve().parents[1]))"
-    offenders = []
-    for f in repo_files():
-        if not f.endswith(".py") or f == "tests/test_docs.py":  # this file names the line it looks for
-            continue
-        edits = [line.strip() for line in (ROOT / f).read_text().splitlines() if re.search(r"sys\.path\s*(\.|\[|=)", line)]
-        if edits and not (f.startswith("stages/") and edits == [own_checkout]):
-            offenders.append(f)
+    offenders = [f for f in repo_files() if f.endswith(".py") and f != "tests/test_docs.py"
+                 and any(re.search(r"sys\.path\s*(\.|\[|=)", line) for line in (ROOT / f).read_text().splitlines())]
     assert offenders == []
-    assert all(own_checkout in (ROOT / f).read_text() for f in repo_files() if re.fullmatch(r"stages/\w+\.py", f))
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert all(re.match(r"python -m stages\.\w+( |$)", " ".join(s["cmd"].split())) for s in stages.values())
 
 
 def test_every_ernie_dpo_command_answers_help_without_running():

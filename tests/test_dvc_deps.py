@@ -38,8 +38,8 @@ def project_imports(path, seen=None):
 
 
 def stage_script(cmd):
-    m = re.search(r"python (\S+\.py)", cmd)
-    return m.group(1) if m else None
+    m = re.search(r"python -m stages\.(\w+)", cmd)
+    return f"stages/{m.group(1)}.py" if m else None
 
 
 def test_every_imported_project_module_is_a_dependency():
@@ -47,7 +47,7 @@ def test_every_imported_project_module_is_a_dependency():
     missing = {}
     for name, st in stages.items():
         script = stage_script(st["cmd"])
-        need = {script} | project_imports(ROOT / script)
+        need = {script, "stages/__init__.py"} | project_imports(ROOT / script)  # -m stages.x runs the package first
         lacking = sorted(need - set(st.get("deps", [])))
         if lacking:
             missing[name] = lacking
@@ -74,7 +74,7 @@ def test_a_copy_of_the_repository_runs_its_own_ernie_dpo(tmp_path, monkeypatch):
     shutil.copytree(ROOT / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     init = tmp_path / "ernie_dpo" / "__init__.py"
     init.write_text(init.read_text() + "\nprint('ernie_dpo from', __file__)\n")
-    r = subprocess.run([sys.executable, "stages/evaluate.py", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "stages.evaluate", "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0 and f"ernie_dpo from {tmp_path / 'ernie_dpo'}" in r.stdout, r.stdout + r.stderr
     monkeypatch.chdir(tmp_path)
     env = engine.launch_env()

@@ -112,3 +112,16 @@ def test_each_pair_is_yielded_once_per_pass_and_a_held_out_pass_is_counted(capsy
     assert upstream == [0, 1, 2, 3, 4, 4]  # the engine's own: the day this fails, the engine was fixed upstream
     assert [b[0].n for b in ours(fake)] == [0, 1, 2, 3, 4]
     assert engine.EVAL_PASS_MARK + '{"pairs": 5}' in capsys.readouterr().out
+
+
+def test_a_run_is_stopped_for_longer_replies_only_when_the_probe_can_tell():
+    """train.stop_if_longer: the last N probes' medians above (1 + share) x step 0's, each with a paired interval
+    above 0; a failed probe (None) breaks the run of N; with no step 0 there is nothing to compare with."""
+    from ernie_dpo.length_probe import should_stop
+
+    grew = [(0, 100.0, 0.0), (10, 150.0, 20.0), (20, 160.0, 30.0)]
+    assert should_stop(grew, 0.3, 2)
+    assert not should_stop([(0, 100.0, 0.0), (10, 150.0, -5.0), (20, 160.0, 30.0)], 0.3, 2)  # noise, not growth
+    assert not should_stop([(0, 100.0, 0.0), (10, 150.0, 20.0), (20, None, None), (30, 160.0, 30.0)], 0.3, 2)
+    assert not should_stop([(10, 100.0, 0.0), (20, 150.0, 20.0), (30, 160.0, 30.0)], 0.3, 2)  # no step 0
+    assert not should_stop(grew, 0.0, 2)  # share 0: never

@@ -106,7 +106,7 @@ def test_bad_jsonl_lines_are_counted_drops_naming_the_line(tmp_path):
     assert counts == {"read": 4, "kept": 2, "dropped": {"invalid_json": 1, "wrong_type": 1}, "format": "openai"}
     assert without_ids(kept) == EXPECTED
     assert rejects[0]["index"] == 1 and rejects[0]["detail"].startswith("line 3: not valid JSON (column 15")
-    assert rejects[0]["record"] == '{"messages": ['  # the line itself goes to rejects.jsonl
+    assert rejects[0]["record"] == '{"messages": ['  # the line itself goes to rejects.json
     assert rejects[1]["detail"] == "line 4 is a JSON list, expected an object" and rejects[1]["record"] == [1, 2]
     # a broken first line: in a .jsonl file a counted drop too; in a .json file it cannot tell JSONL from broken JSON
     path.write_text("\n".join(['{"messages": [', good[0]]), encoding="utf-8")

@@ -8,6 +8,8 @@ import textwrap
 import time
 
 import pytest
+import yaml
+from conftest import ROOT
 
 from ernie_dpo import engine
 from ernie_dpo.common import write_jsonl
@@ -255,7 +257,7 @@ def test_a_worker_node_rebuilds_node_0s_engine_inputs_byte_for_byte(tiny_repo, t
     metrics_before = (repo.root / "metrics/train.json").read_bytes() if (repo.root / "metrics/train.json").exists() else None
     outs = {}
     for name, root in (("node0", repo.root), ("node1", other)):
-        r = subprocess.run([sys.executable, "stages/train.py", "--worker-node", "--print-only"], cwd=root,
+        r = subprocess.run([sys.executable, "-m", "stages.train", "--worker-node", "--print-only"], cwd=root,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         files = sorted(p.name for p in (root / "logs/train").iterdir())
@@ -321,3 +323,81 @@ def test_the_sanity_check_passes_a_good_model_and_stops_a_broken_one(tiny_base, 
         save_file(w, str(f), metadata={"format": "np"})
     with pytest.raises(RuntimeError, match="not finite"):
         generate.sanity_check(broken, "cpu")
+
+
+CANARY = {"HF_TOKEN": "canary-hf-5b1e0c", "AWS_SECRET_ACCESS_KEY": "canary-aws-77c2d1",
+          "MY_PROVIDER_API_KEY": "canary-api-93d0aa", "GIT_TOKEN": "canary-git-41fe27"}
+
+# What Paddle's launcher writes about its environment (paddle/distributed/launch: process_context._start writes
+# backup_env.<rank>.json, controller._save_container_env writes envlog.<rank>, and the pod log prints it), done by a
+# stand-in that takes the launcher's own arguments, so the GPU launch path runs as far as a CPU allows.
+STAND_IN_LAUNCHER = textwrap.dedent("""
+    import json, os, sys
+    argv = sys.argv[1:]
+    log_dir = argv[argv.index("--log_dir") + 1]
+    os.makedirs(log_dir, exist_ok=True)
+    json.dump(dict(os.environ), open(os.path.join(log_dir, "backup_env.0.json"), "w"))
+    open(os.path.join(log_dir, "envlog.0"), "w").write("\\n".join(f"{k}={v}" for k, v in os.environ.items()))
+    print("pod environment:", dict(os.environ), flush=True)
+""")
+
+
+def test_no_secret_reaches_the_launchers_files_a_dvc_output_or_the_cache(tmp_path, monkeypatch):
+    """(31.1) Credentials in the user's shell never reach the engine: the launcher (a stand-in writing what Paddle's
+    writes) gets an environment without them, its log folder is outside every DVC output, and the engine log (a DVC
+    output) holds none. The whole pipeline's outputs and DVC cache are searched for the same canaries in
+    tests/test_pipeline.py."""
+    for k, v in CANARY.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    cmd = engine.launch_command("train", "logs/train/dpo.yaml", "gpu", "0", 1)
+    log_dir = cmd[cmd.index("--log_dir") + 1]
+    assert not log_dir.startswith("logs/train") and log_dir.startswith(str(engine.LAUNCHER_LOGS))
+    outs = [o if isinstance(o, str) else next(iter(o)) for st in
+            yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()
+            for o in st.get("outs", [])]
+    assert not any(log_dir == o or log_dir.startswith(o.rstrip("/") + "/") for o in outs), outs
+    (tmp_path / "launch.py").write_text(STAND_IN_LAUNCHER)
+    standin = [sys.executable, str(tmp_path / "launch.py")] + cmd[cmd.index("-m") + 2:]
+    engine.run(standin, "logs/train/engine.log")
+    written = [f for f in tmp_path.rglob("*") if f.is_file() and f.name != "launch.py"]
+    assert {f.name for f in written} >= {"backup_env.0.json", "envlog.0", "engine.log"}
+    assert "PATH" in (tmp_path / log_dir / "backup_env.0.json").read_text()  # the stand-in did write the environment
+    leaks = [(f.name, k) for f in written for k, v in CANARY.items() if v in f.read_text(errors="replace")]
+    assert leaks == []
+    assert engine.without_secrets({"HF_TOKEN": "x", "PATH": "/bin", "OPENAI_API_KEY": "y", "KAGGLE_KEY": "k",
+                                   "AZURE_STORAGE_CONNECTION_STRING": "c", "QIANFAN_SK": "s", "GITHUB_PAT": "p",
+                                   "TOKENIZERS_PARALLELISM": "false", "FLAGS_use_mkldnn": "1",
+                                   "HTTPS_PROXY": "http://me:pw@proxy:3128"}) == {
+        "PATH": "/bin", "TOKENIZERS_PARALLELISM": "false", "FLAGS_use_mkldnn": "1", "HTTPS_PROXY": "http://proxy:3128"}
+
+
+def test_a_failing_length_probe_is_reported_and_training_goes_on(tiny_base, pairs, tmp_path):
+    """(31.5) The step-0 length probe runs the project's decode loop on the engine's (on a GPU: O2, LoRA-wrapped)
+    model before step 1, the least-tested code first: whatever it raises is reported and the run goes on."""
+    from ernie_dpo import length_probe
+
+    # a prompt id far outside the vocabulary: the probe's forward pass fails, as any probe failure would
+    length_probe.write_spec(tmp_path / length_probe.SPEC_NAME, [[10 ** 7]], [1], [2], 0, 1, 4, 0.7, 0.7, 1, 0.0, 2)
+    steps = dpo_steps(tiny_base, pairs, tmp_path / "probed")
+    assert [s["global_step"] for s in steps] == [1]  # trained to the end
+    failed = [length_probe.parse_line(line) for line in (tmp_path / "probed.log").read_text().splitlines()]
+    failed = [data for kind, data in filter(None, failed) if kind == "failed"]
+    assert [f["step"] for f in failed] == [0, 1] and failed[0]["error"]
+
+
+def test_the_capability_check_looks_at_every_gpu_trained_on(monkeypatch):
+    """(31.5) A node with an A100 as GPU 0 and a T4 as GPU 3: training on "0,3" must get the settings the T4 can run
+    (float32, SDPA), not the first GPU's bf16 and FlashMask."""
+    import paddle
+
+    caps = {0: (8, 0), 1: (8, 0), 2: (8, 6), 3: (7, 5)}
+    monkeypatch.setattr(paddle, "is_compiled_with_cuda", lambda: True)
+    monkeypatch.setattr(paddle.device.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(paddle.device.cuda, "get_device_capability", lambda i=0: caps[i])
+    assert engine.gpu_capability("0,1") == (8, 0) and engine.gpu_capability("0,3") == (7, 5)
+    assert engine.device_settings("gpu", devices="0,3")["compute_type"] == "float32"
+    assert engine.device_settings("gpu", devices="2")["compute_type"] == "bf16"
+    cfg = engine.dpo_config("m", "t", "o", "gpu", TRAIN, {"devices": "0,3", "nnodes": 1, "tensor_parallel": 1,
+                                                          "sharding_parallel": 1, "sharding_stage": "stage1"})
+    assert cfg["_attn_implementation"] == "sdpa"

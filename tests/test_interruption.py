@@ -36,7 +36,7 @@ def test_killed_inference_resumes_without_regenerating(tiny_repo):
     root = repo.root
     partial = root / "data/infer/partial"
     lines = lambda: sum(f.read_text().count("\n") for f in partial.glob("*.jsonl")) if partial.exists() else 0
-    proc = start(root, ["stages/infer.py", "--model", "models/base", "--out", "data/infer/baseline.jsonl"])
+    proc = start(root, ["-m", "stages.infer", "--model", "models/base", "--out", "data/infer/baseline.jsonl"])
     kill_when(proc, lambda: lines() >= 2)  # killed after its first batch, mid-run
     done_before = lines()
     assert 2 <= done_before < 12 and not (root / "data/infer/baseline.jsonl").exists()
@@ -67,7 +67,7 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_repo):
     # the engine writes a checkpoint's LR scheduler state last (after weights, trainer state, RNG, optimizer)
     ckpt = lambda: list((root / "checkpoints").glob("train-*/checkpoint-*/scheduler.pdparams"))
     (root / "checkpoints").mkdir()
-    proc = start(root, ["stages/train.py"])
+    proc = start(root, ["-m", "stages.train"])
     kill_when(proc, lambda: bool(ckpt()))  # killed right after its first checkpoint
     assert not (root / "models/train").exists()
     work = ckpt()[0].parent.parent
@@ -116,7 +116,7 @@ def test_a_stopped_stage_ends_its_engine_process_group(tiny_repo):
         log.unlink(missing_ok=True)  # the previous round's log must not count as this one's progress
         err = root / "train.stderr"
         with open(err, "w") as stderr:
-            proc = subprocess.Popen([sys.executable, "stages/train.py"], cwd=root, env=venv_env(),
+            proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=venv_env(),
                                     stdout=subprocess.DEVNULL, stderr=stderr)
         try:
             deadline = time.time() + 180

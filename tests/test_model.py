@@ -149,8 +149,8 @@ def test_early_turns_that_do_not_fit_are_counted_as_truncated(tiny_base):
 
 def test_a_run_that_makes_replies_longer_is_seen_and_stopped(tiny_repo):
     """The recipe's exp3 failure, made on purpose: DPO towards the LONG answers (chosen and rejected swapped). The
-    length probes (held-out prompts, step 0 included) show the replies growing, and stop_if_longer stops the run
-    with a clear message, the curve saved."""
+    length probes (validation prompts, step 0 included) show the replies growing, each probe's paired interval vs
+    step 0 above 0, and stop_if_longer stops the run with a clear message, the curve saved."""
     import json
 
     repo = tiny_repo

@@ -83,9 +83,9 @@ def test_help_on_a_stage_script_describes_it_and_runs_nothing(repo, stage):
     marker = repo / "models/base/keep-me"
     marker.write_text("untouched")
     metrics = {p: p.read_bytes() for p in (repo / "metrics").glob("*.json")}
-    r = subprocess.run([sys.executable, f"stages/{stage}.py", "--help"], cwd=repo, env=venv_env(),
+    r = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"], cwd=repo, env=venv_env(),
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stdout.startswith("usage: python stages/"), r.stderr[-1000:]
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m stages."), r.stderr[-1000:]
     assert "dvc.yaml stage" in r.stdout and "inputs:" in r.stdout and "params:" in r.stdout
     assert marker.read_text() == "untouched"
     assert {p: p.read_bytes() for p in (repo / "metrics").glob("*.json")} == metrics  # no stage wrote anything

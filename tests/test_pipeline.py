@@ -12,8 +12,14 @@ STAGES = ["prepare", "analyze", "testset", "base_model", "infer_baseline", "eval
           "trainset", "diagnose", "train", "merge", "infer_tuned", "evaluate_tuned", "probe_tuned"]
 
 
+# credentials a user's shell may hold: every command of these tests runs with them set, and none may end up in any
+# file of the repository, its DVC outputs or its DVC cache (test_no_credential_from_the_shell_lands_in_any_file)
+CANARY = {"HF_TOKEN": "canary-hf-0c5e2a", "AWS_SECRET_ACCESS_KEY": "canary-aws-d41b7e",
+          "OPENAI_API_KEY": "canary-openai-9a33f0"}
+
+
 def sh(args, cwd, check=True):
-    r = subprocess.run(args, cwd=cwd, env=venv_env(), capture_output=True, text=True)
+    r = subprocess.run(args, cwd=cwd, env={**venv_env(), **CANARY}, capture_output=True, text=True)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     return r
@@ -55,7 +61,7 @@ def test_cookbook_profile_composes_with_the_recipe_values(tmp_path):
     compose(ROOT, tmp_path / "p.yaml", ["profile=cookbook", "train.warmup_steps=360"])
     p = yaml.safe_load((tmp_path / "p.yaml").read_text())
     assert p["model"]["name_or_path"] == "baidu/ERNIE-4.5-0.3B-PT" and p["engine"]["device"] == "gpu"
-    assert p["testset"] == {"size": 200, "seed": 2025, "keep_system": False}
+    assert p["testset"] == {"size": 200, "seed": 2025, "keep_system": False, "validation_size": 24}
     assert (p["infer"]["top_p"], p["infer"]["temperature"], p["infer"]["max_dec_len"]) == (0.7, 0.7, 8192)
     assert p["train"]["warmup_steps"] == 360 and p["train"]["global_batch_size"] == 1
 
@@ -83,6 +89,30 @@ def repo(tmp_path_factory):
     assert ran(r.stdout) == STAGES
     commit_all(repo, "repro")
     return repo
+
+
+def test_the_preview_agrees_with_dvcs_own_dry_run(repo):
+    """`ernie-dpo preview` (which works on a clean clone, tests/test_newcomer.py) against `dvc repro --dry` where
+    DVC's works (every output present): the same stages, and nothing when nothing changed."""
+    exe = str(Path(sys.executable).parent / "ernie-dpo")
+    assert "nothing would run" in sh([exe, "preview"], repo).stdout
+    r = sh([exe, "preview", "-S", "trainset.min_ratio=2.0"], repo)
+    ours = [line.split(":")[0].strip() for line in r.stdout.splitlines() if line.startswith("  ")]
+    compose(repo, repo / "params.yaml", ["trainset.min_ratio=2.0"])
+    try:
+        theirs = ran(dvc("repro", "--dry", cwd=repo).stdout)
+    finally:
+        sh(["git", "checkout", "params.yaml"], repo)
+    assert ours == theirs == ["trainset", "diagnose", "train", "merge", "infer_tuned", "evaluate_tuned", "probe_tuned"]
+
+
+def test_no_credential_from_the_shell_lands_in_any_file(repo):
+    """(issue 31.1) The whole pipeline ran with credentials in its environment: not one file of the repository --
+    DVC outputs, logs, the DVC cache (.dvc/cache), checkpoints -- contains any of them."""
+    files = [f for f in repo.rglob("*") if f.is_file() and ".git" not in f.relative_to(repo).parts[:1]]
+    assert any(".dvc/cache" in str(f) for f in files) and any("logs/train" in str(f) for f in files)
+    leaks = [(str(f.relative_to(repo)), k) for f in files for k, v in CANARY.items() if v.encode() in f.read_bytes()]
+    assert leaks == []
 
 
 def test_repro_writes_every_metric_and_keeps_test_prompts_out(repo):
@@ -341,3 +371,47 @@ def test_dvc_plots_show_works_offline(repo):
     assert "cdn.jsdelivr" not in page and "<script src" not in page
     assert "vega-embed 6.18.2" in page and page.count("vegaEmbed('#") >= 8, r.stdout
     assert "dpo_curves.png" in page and "pair_diagnostics.png" in page
+    # every curve the engine logs is drawn, training and held-out, and the validation probes: each plot definition's
+    # title is on the page, and each of its TSVs was written by the run (a plot with no data draws nothing)
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
+    titles = {next(iter(p)) for p in spec}
+    for wanted in ("DPO loss", "NLL term", "DPO reward margin", "DPO reward accuracy", "DPO rewards, chosen",
+                   "policy log-probs", "reply length while training", "held-out NLL"):
+        assert any(t.startswith(wanted) for t in titles), wanted
+    for p in spec:
+        for tsv in next(iter(p.values()))["y"]:
+            if tsv.startswith("metrics/dvclive"):
+                assert (repo / tsv).is_file(), f"{next(iter(p))}: {tsv} was not written"
+                assert next(iter(p)) in page
+
+
+# the README's everyday commands that rerun training or a whole series (minutes each) are composed by
+# tests/test_docs.py instead of run here; the others are run exactly as printed
+EXPENSIVE = ("dvc exp run", "ernie-dpo series", "ernie-dpo run")
+
+
+def test_the_readmes_everyday_commands_run_as_printed_in_a_new_shell(repo):
+    """README "Everyday commands", each line as printed, in a new shell that has only done what the README says
+    after `make demo`: `source .venv/bin/activate` (here: the environment the tests run in, which `make install`
+    made). The shell starts with a PATH that has no dvc or ernie-dpo on it."""
+    import os
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Everyday commands", 1)[1].split("\n## ", 1)[0]
+    cmds = [line.strip().split("  #")[0].strip() for line in block.splitlines() if line.startswith("    ")]
+    assert "source .venv/bin/activate" in text and len(cmds) >= 8
+    activate = Path(sys.executable).parent / "activate"
+    env = {k: v for k, v in venv_env().items() if k not in ("VIRTUAL_ENV",)}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not (Path(p) / "dvc").exists())
+    ran_here = []
+    for cmd in cmds:
+        if cmd.startswith(EXPENSIVE):
+            continue
+        r = subprocess.run(["bash", "-c", f"source {activate} && {cmd}"], cwd=repo, env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, f"{cmd}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+        ran_here.append(re.sub(r"\s+", " ", cmd)[:40])
+    assert len(ran_here) >= 5, ran_here
+    r = subprocess.run(["bash", "-c", "command -v dvc"], cwd=repo, env=env, capture_output=True, text=True)
+    assert r.returncode != 0  # without the README's activation line the commands would not be found

@@ -121,6 +121,10 @@ def test_the_verdict_needs_shorter_and_quality_held():
     assert length_verdict(longer)[0] == "longer"
     same = {**longer, "chars_median_ci_low": -5.0}
     assert length_verdict(same)[0] == "no detectable change"
+    # median shorter, mean longer (a few runaway replies): neither "shorter" nor "longer"
+    mixed = {**delta_of(), "chars_mean": 80.0, "chars_mean_ci_low": 10.0, "chars_mean_ci_high": 150.0}
+    assert length_verdict(mixed)[0] == "mixed"
+    assert any("likelihood not checked" in r for r in length_verdict(delta_of())[1])
 
 
 def flat(metrics):

@@ -58,7 +58,7 @@ def test_openai_backend_writes_what_local_inference_writes_and_resumes(served_re
     repo.set_param("infer.backend", "openai")
     partial = root / "data/infer/partial"
     before = {f.name for f in partial.glob("*.jsonl")}
-    proc = start(root, ["stages/infer.py", *out])
+    proc = start(root, ["-m", "stages.infer", *out])
     new = lambda: [f for f in partial.glob("*.jsonl") if f.name not in before]
     kill_when(proc, lambda: bool(new()) and new()[0].read_text().count("\n") >= 3)
     done_before = new()[0].read_text().count("\n")
@@ -203,7 +203,7 @@ def test_ctrl_c_stops_a_served_run_within_seconds(tiny_repo, tmp_path):
                  "infer.openai.concurrency": 4, "infer.openai.timeout_s": 600, "infer.openai.api_key_env": "TEST_KEY"}.items():
         repo.set_param(k, v)
     env = {**venv_env(), "TEST_KEY": "sk-secret-never-logged"}
-    proc = subprocess.Popen([sys.executable, "stages/infer.py", "--model", "models/base", "--out",
+    proc = subprocess.Popen([sys.executable, "-m", "stages.infer", "--model", "models/base", "--out",
                              "data/infer/baseline.jsonl"], cwd=repo.root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     # Ctrl-C once a request is in flight (on a busy machine the stage's imports alone can take longer than any fixed wait)

@@ -350,7 +350,7 @@ def test_run_maps_skypilots_nodes_and_gpus_to_the_engine(rank, tmp_path):
                                                                 ["dvc", "exp", "push", "origin", "exp4"]]
     else:  # a worker node: this experiment's params.yaml and training set, then it joins node 0's training
         assert commands[1:] == [["dvc", "exp", "run", "--pull", *sets, "trainset"],
-                                ["python", "stages/train.py", "--worker-node"]]
+                                ["python", "-m", "stages.train", "--worker-node"]]
     assert all(e == node_env for _, e in calls)
 
 
