@@ -61,7 +61,10 @@ def main():
     train_keys = {prompt_key(r) for r in pairs}
     assert not any(prompt_key(r) in train_keys for r in held_out), "an eval pair shares a prompt with training"
     if not pairs:
-        sys.exit("trainset: no pair passes the filter; loosen trainset.min_ratio / baseline_tolerance")
+        loosen = "-S trainset.min_ratio=1.0" + (" -S trainset.baseline_tolerance=1.0"
+                                                 if p["strategy"] == "near_baseline" else "")
+        sys.exit(f"trainset: none of the {len(pool)} pool pairs passes the filter (strategy {p['strategy']}, rejected "
+                 f">= {p['min_ratio']}x chosen); loosen it, e.g. {loosen}")
 
     # The recipe deletes the system prompt from its training pairs: some ask for long answers on purpose, which is
     # the opposite of what this DPO run teaches. trainset.keep_system: true keeps them.

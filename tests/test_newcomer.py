@@ -102,6 +102,9 @@ def test_the_preview_names_what_an_experiment_would_run_on_a_clean_clone(tmp_pat
     """A clean clone: dvc.lock is committed but no data or model is there (nor in a cache). `dvc exp run --dry` and
     `dvc repro --dry --allow-missing` fail here once a parameter changes; the project's preview does not."""
     repo = copy_repo(tmp_path / "repo")
+    sh(["git", "init", "-q"], repo)  # a clone is a git repository (DVC's status needs one)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone"], repo)
     r = sh([ERNIE_DPO, "preview", "-S", "trainset.min_ratio=2.0"], repo)
     lines = {line.split(":")[0].strip(): line for line in r.stdout.splitlines() if line.startswith("  ")}
     assert "trainset.min_ratio: 1.2 -> 2.0" in lines["trainset"]

@@ -38,15 +38,17 @@ def test_plan_refuses_an_empty_variant():
         plan({"near_baseline": 0, "ratio_1.2": 10, "ratio_2": 5}, 1, 50)
 
 
-def test_a_variant_with_one_prompt_or_none_counts_zero_pairs_and_the_plan_says_why(sample_records):
-    # only one record has rejected >= 2x chosen: all of it would be held out, nothing left to train
+def test_a_variant_with_one_prompt_trains_it_and_with_none_the_plan_says_why(sample_records):
+    # only one record has rejected >= 2x chosen: a held-out share of one prompt holds nothing out (the trainset stage
+    # warns), so it is trained; with none, the plan stops and says which rule left nothing
     one = next(r for r in sample_records if len(r["response"][1][0]) >= 2 * len(r["response"][0][0]))
     short = [r for r in sample_records if len(r["response"][1][0]) < 2 * len(r["response"][0][0])]
     c = count_pairs(short + [one], baseline_mean=90.0, tolerance=0.3, eval_pairs=0.1)
-    assert c["ratio_2"] == 0 and c["ratio_1.2"] > 0
+    assert c["ratio_2"] == 1 and c["ratio_1.2"] > 0
+    none = count_pairs(short, baseline_mean=90.0, tolerance=0.3, eval_pairs=0.1)
+    assert none["ratio_2"] == 0
     with pytest.raises(ValueError, match="rejected >= 2x chosen"):
-        plan(c, 1, 50)
-    assert count_pairs(short, baseline_mean=90.0, tolerance=0.3, eval_pairs=0.1)["ratio_2"] == 0
+        plan(none, 1, 50)
     with pytest.raises(ValueError, match="exp2 needs 7 pairs"):
         plan({"near_baseline": 7, "ratio_1.2": 6, "ratio_2": 5}, 1, 50)
 
