@@ -38,7 +38,7 @@ def test_the_committed_params_and_every_profile_are_valid(tmp_path):
     ("infer.top_p", 1.5, "infer.top_p: 1.5 must be a number > 0 and <= 1"),
     ("engine.devices", "0,a", "engine.devices: '0,a' must be a string of GPU ids"),
     ("train.truncate", "yes", "train.truncate: 'yes' must be true or false"),
-    ("train.max_prompt_len", 999, "train.max_prompt_len (999) must be smaller than train.max_seq_len"),
+    ("train.max_prompt_len", 4096, "train.max_prompt_len (4096) must be smaller than train.max_seq_len"),
 ])
 def test_a_wrong_value_is_named_with_what_is_allowed(key, value, words):
     found = problems(with_value(key, value))
