@@ -112,7 +112,7 @@ def verdict_cell(r):
         return {k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix)}
 
     verdict, reasons = length_verdict(part("delta."), part("likelihood.") or None)
-    worse = [x.split(" [")[0] for x in reasons[1:] if not x.startswith("quality not checked")]
+    worse = [x.split(" [")[0] for x in reasons[1:] if "not checked" not in x]  # what degraded, not what is unknown
     if verdict == "shorter but degraded":
         return f"{verdict} ({', '.join(worse)})"
     if any(x.startswith("quality not checked") for x in reasons):
