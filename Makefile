@@ -28,10 +28,12 @@ install: $(STAMP)
 
 CUDA ?= cu126
 PADDLE_INDEX := https://www.paddlepaddle.org.cn/packages/stable/$(CUDA)/
+# the NVIDIA runtime wheels paddlepaddle-gpu pulls in, pinned per CUDA build (empty: let pip choose, then recorded)
+NVIDIA_PINS ?= requirements-nvidia/$(CUDA).txt
 install-gpu:
 	test ! -x $(BIN)/python || $(BIN)/python -m pip uninstall -y -q paddlepaddle  # both would provide `paddle`
 	$(MAKE) install LOCK=requirements-gpu.txt PIP_EXTRA_INDEX_URL=$(PADDLE_INDEX)
-	$(BIN)/python -m pip install -q paddlepaddle-gpu==3.3.1 --extra-index-url $(PADDLE_INDEX)
+	$(BIN)/python -m pip install -q paddlepaddle-gpu==3.3.1 --extra-index-url $(PADDLE_INDEX) $(if $(NVIDIA_PINS),-c $(NVIDIA_PINS))
 	$(BIN)/python -m pip freeze --exclude-editable > requirements-gpu.freeze.txt
 	$(BIN)/python -c 'import paddle; paddle.utils.run_check()'
 

@@ -69,12 +69,12 @@ def bench_prompts(n, seed=0):
 
 def smol_dir(cache):
     """SmolLM2-135M converted once into a cache folder (the base_model stage's conversion)."""
-    from ernie_dpo import engine, gguf_model
+    from ernie_dpo import gguf_model, weights
 
     d = Path(cache) / "smollm2-135m"
     if not (d / "config.json").exists():
         gguf_model.convert("smollm2-135m", d)
-        engine.prepare_model_dir(d, "cpu")
+        weights.prepare_model_dir(d, "cpu")
     return d
 
 

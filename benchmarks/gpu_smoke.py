@@ -40,6 +40,29 @@ def compose(repo, overrides):
     compose_and_dump(repo / "params.yaml", str(repo / "conf"), None, "config", str(repo), overrides)
 
 
+MERGE_CHECK = """
+import json, sys, tempfile
+import paddle
+from paddleformers.peft import LoRAModel
+from paddleformers.transformers import AutoModelForCausalLM
+from ernie_dpo import devices, weights
+paddle.set_device(devices.inference_device(sys.argv[1]))
+x = paddle.to_tensor([[5, 20, 30, 40, 50, 60, 70]])
+def logits(model):
+    model.eval()
+    with paddle.no_grad():
+        o = model(input_ids=x)
+    return (o[0] if isinstance(o, tuple) else o.logits).astype("float32").numpy()
+with tempfile.TemporaryDirectory() as tmp:
+    adapter = logits(LoRAModel.from_pretrained(AutoModelForCausalLM.from_pretrained("models/base", dtype="float32"),
+                                               str(weights.float32_copy("models/train", tmp))))
+config = json.load(open("models/merged/config.json"))
+dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+merged = logits(AutoModelForCausalLM.from_pretrained("models/merged", dtype="float32"))
+print(json.dumps([float(abs(merged - adapter).max()), float(abs(adapter).max()), dtype]))
+"""
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["gpu", "cpu"], default="gpu")
@@ -89,6 +112,26 @@ def main():
                                                  f"{cfg['compute_type']} {cfg.get('fp16_opt_level', '')} "
                                                  f"{cfg['_attn_implementation']}")
 
+    def merged_equals_adapter():
+        """The merged model's logits against base + the trained adapter on the same prompt (in a child process, on
+        the device the stages use): equal up to the merged weights' dtype (bf16 on a GPU: one bf16 step)."""
+        r = subprocess.run([sys.executable, "-c", MERGE_CHECK, args.device], cwd=repo, env=env, capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            return False, (r.stderr.strip().splitlines() or ["(no output)"])[-1][:110]
+        diff, scale, dtype = json.loads(r.stdout.strip().splitlines()[-1])
+        tolerance = (1e-4 if dtype == "float32" else 0.05) * max(1.0, scale)
+        return diff <= tolerance, f"merged ({dtype}) vs base + adapter: max |logit diff| {diff:.2e} (<= {tolerance:.0e})"
+
+    def probed():
+        """The step-0 length probe (the project's decode loop on the engine's model, before step 1) ran on the device:
+        a failing probe only warns and training goes on, so the smoke test is where it is seen."""
+        m = metrics("train")["dpo"]
+        lp, failures = m.get("length_probe") or {}, m.get("length_probe_failures", 0)
+        return "step0_chars_median" in lp and not failures, (
+            f"length probes: {lp.get('probes', 0)} ran, {failures} failed; step 0 median "
+            f"{lp.get('step0_chars_median')} chars, last {lp.get('final_chars_median')}")
+
     print(f"smoke test of the {args.device.upper()} path in {repo}", flush=True)
     compose(repo, base)
     for label, script, extra in (("prepare", "prepare", ()), ("testset", "testset", ()),
@@ -107,7 +150,11 @@ def main():
             compose(repo, base + [f"train.fine_tuning={mode}"])
             if not step(f"train ({mode}, 5 DPO steps)", "train", check=trained):
                 continue
-            step(f"merge ({mode})", "merge")
+            passed, note = probed()
+            ok &= passed
+            rows.append((f"length probes ({mode})", "ok" if passed else "FAILED", "", note))
+            print(f"{'  length probes (' + mode + ')':34s} {'ok' if passed else 'FAILED':6s} {'':8s} {note}")
+            step(f"merge ({mode})", "merge", check=merged_equals_adapter if mode == "lora" else None)
             step(f"infer_tuned ({mode}, local)", "infer", "--model", "models/merged", "--out",
                  f"data/infer/tuned_{mode}.jsonl", check=lambda m=mode: replies(f"data/infer/tuned_{m}.jsonl"))
         if args.server:

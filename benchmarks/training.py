@@ -112,20 +112,20 @@ def child_pids():
 
 def project(model_dir, pairs, mode, tr, steps, work):
     """One training run through the engine, exactly as the train stage launches it; figures from its log lines."""
-    from ernie_dpo import engine
+    from ernie_dpo import engine, launch
     from ernie_dpo.common import write_jsonl
 
     write_jsonl(work / "pairs.jsonl", pairs)
     cfg = engine.dpo_config(model_dir, work / "pairs.jsonl", work / "out", "cpu",
                             {**tr, "fine_tuning": mode, "max_steps": steps, "save_steps": 0})
     cfg["random_shuffle"] = False  # file order, like TRL's sequential sampler: step k is the same batch on both sides
-    cmd = engine.launch_command("train", engine.write_config(cfg, work / "dpo.yaml"), "cpu")
+    cmd = launch.launch_command("train", engine.write_config(cfg, work / "dpo.yaml"), "cpu")
     got = {"step_end": [], "losses": [], "peak_kb": 0, "train_runtime": None, "trainable": None}
     pid = []
 
     def on_line(line):
         if not pid:
-            pid.extend(child_pids())  # the engine: one process on a CPU (engine.run started it)
+            pid.extend(child_pids())  # the engine: one process on a CPU (launch.run started it)
         found = re.search(r"Number of trainable parameters = ([\d,]+)", line)
         if found:
             got["trainable"] = int(found.group(1).replace(",", ""))
@@ -141,7 +141,7 @@ def project(model_dir, pairs, mode, tr, steps, work):
                 got["peak_kb"] = max(vm_hwm_kb(p) for p in pid)
 
     start = time.time()
-    engine.run(cmd, work / "train.log", on_step, on_line=on_line)
+    launch.run(cmd, work / "train.log", on_step, on_line=on_line)
     got["seconds"] = time.time() - start
     return got
 

@@ -20,7 +20,7 @@ COMMANDS = {  # name: (module[:function, default main], help)
     "report": ("ernie_dpo.report", "write metrics/report.md and the bar chart from `dvc exp show`"),
     "serve": ("ernie_dpo.dev_server", "serve a model directory with the OpenAI chat API (CPU dev server)"),
     "fetch": ("ernie_dpo.fetch", "download the cookbook's real data once, pin and verify it, `dvc add` it"),
-    "engine": ("ernie_dpo.engine", "run PaddleFormers on an engine config (train|export CFG): what stages launch"),
+    "engine": ("ernie_dpo.engine_main", "run PaddleFormers on an engine config (train|export CFG): what stages launch"),
 }
 
 

@@ -15,7 +15,7 @@ issue 13). Where the time went, and what this module does instead:
   blocks, each only over the keys before it;
 - the LM head ran over every prompt position in prefill (a 1000-token prompt: 1000 x vocab logits); here it runs on
   the last position only;
-- Paddle uses one CPU thread unless told otherwise; `load_model` sets all cores (engine.use_all_cpu_cores).
+- Paddle uses one CPU thread unless told otherwise; `load_model` sets all cores (devices.use_all_cpu_cores).
 Sampling is the recipe's (top_p, temperature; no top_k), done where the logits are (`sample_tokens`), with each
 prompt's own random stream (`prompt_seed`), so a prompt's reply does not depend on which prompts share its batch.
 What can still differ is the float arithmetic of a batch of another shape (tests/test_generate.py measures it).
@@ -95,6 +95,7 @@ def sample_token(logits, temperature, top_p, u):
 
 
 QUERY_BLOCK = 512  # prefill attends in blocks of this many queries
+MASK_CACHE_BYTES = 512 << 20  # expanded prefill masks kept across the layers of one pass, at most
 
 
 def grouped_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
@@ -200,12 +201,19 @@ def _expanded_mask(m, source, start, end, seen, hkv, rep):
     old = _MASK.get("source")
     if old is None or old[0] is not source or old[1:] != key[1:]:
         _MASK.clear()
-        _MASK["source"] = key
-    if (start, end, seen) not in _MASK:
-        block = m[:, :, start:end, :seen]
-        _MASK[(start, end, seen)] = (block.unsqueeze(2).tile([1, hkv, rep, 1, 1])
-                                     .reshape([m.shape[0], hkv, rep * (end - start), seen]))
-    return _MASK[(start, end, seen)]
+        _MASK.update(source=key, bytes=0)
+    if (start, end, seen) in _MASK:
+        return _MASK[(start, end, seen)]
+    block = (m[:, :, start:end, :seen].unsqueeze(2).tile([1, hkv, rep, 1, 1])
+             .reshape([m.shape[0], hkv, rep * (end - start), seen]))
+    size = int(block.size) * block.element_size()
+    # Kept for the next layers only while the pass's blocks fit MASK_CACHE_BYTES: a long prompt's blocks would
+    # otherwise all be held at once (memory growing with the square of the prompt length); past the budget each
+    # layer expands its block again (slower, but one block at a time: linear in the prompt length)
+    if _MASK["bytes"] + size <= MASK_CACHE_BYTES:
+        _MASK[(start, end, seen)] = block
+        _MASK["bytes"] += size
+    return block
 
 
 def use_grouped_attention(model):

@@ -15,20 +15,20 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import decode, engine, fast_cpu, tokens
+from . import decode, devices, engine, fast_cpu, tokens
 from .common import append_progress, get_logger, read_progress, reply_record
 from .tokens import StopTokenError, stop_tokens  # noqa: F401  (StopTokenError: part of this module's API)
 
 log = get_logger("generate")
 
 
-def load_model(model_dir, device, devices="0"):
-    """(model, tokenizer, threads) ready for decoding: first device of engine.devices, all CPU cores, eval mode."""
+def load_model(model_dir, device):
+    """(model, tokenizer, threads) ready for decoding: the first GPU this process sees, or all CPU cores; eval mode."""
     import paddle
     from paddleformers.transformers import AutoModelForCausalLM, AutoTokenizer
 
-    paddle.set_device(engine.inference_device(device, devices))
-    threads = engine.use_all_cpu_cores() if device == "cpu" else None
+    paddle.set_device(devices.inference_device(device))
+    threads = devices.use_all_cpu_cores() if device == "cpu" else None
     if device == "cpu":
         fast_cpu.install(inference=True)  # cheaper RMSNorm and rotary embedding (the fused kernels are GPU-only)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")
@@ -42,9 +42,9 @@ def load_model(model_dir, device, devices="0"):
 class LocalModel:
     """A model directory loaded for sampling; answer() is what local inference and the dev server share."""
 
-    def __init__(self, model_dir, device, devices="0", extra_stop_tokens=()):
+    def __init__(self, model_dir, device, extra_stop_tokens=()):
         self.model_dir, self.device = Path(model_dir), device
-        self.model, self.tokenizer, self.threads = load_model(model_dir, device, devices)
+        self.model, self.tokenizer, self.threads = load_model(model_dir, device)
         self.stops = stop_tokens(self.tokenizer, model_dir, extra_stop_tokens)
         self.max_len = getattr(self.model.config, "max_position_embeddings", None)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.stops)
@@ -78,11 +78,11 @@ class LocalModel:
 SANITY_PROMPT = "Hello! Who are you?"
 
 
-def sanity_check(model_dir, device, devices="0"):
+def sanity_check(model_dir, device):
     """Load the model the way inference will and look at it: finite logits for a short prompt, and a greedy reply
     (up to 16 tokens). Raises when the logits are not finite: a broken conversion or download stops here, not after
     an hour of inference."""
-    lm = LocalModel(model_dir, device, devices)
+    lm = LocalModel(model_dir, device)
     tests = [{"id": "sanity", "messages": [{"role": "user", "content": SANITY_PROMPT}]}]
     reply = lm.answer(tests, top_p=1.0, temperature=0.0, max_dec_len=16, batch_size=1, seed=0)["sanity"]
     import numpy as np
@@ -97,7 +97,7 @@ def sanity_check(model_dir, device, devices="0"):
     return {"logits_finite": True, "greedy_reply": reply["reply"], "greedy_tokens": reply["tokens"]}
 
 
-def generate_all(tests, out_path, model_dir, top_p, temperature, max_dec_len, batch_size, seed, device, devices="0",
+def generate_all(tests, out_path, model_dir, top_p, temperature, max_dec_len, batch_size, seed, device,
                  stop_tokens_extra=()):
     """Answer every test prompt into out_path, skipping prompts a previous run finished.
     Returns (records in test order, run info for the metrics)."""
@@ -110,7 +110,7 @@ def generate_all(tests, out_path, model_dir, top_p, temperature, max_dec_len, ba
     info = {"backend": "local", "device": device, "top_p": top_p, "temperature": temperature, "top_k": "off",
             "max_dec_len": max_dec_len, "batch_size": batch_size, "prompts_generated": len(todo)}
     if todo:
-        lm = LocalModel(model_dir, device, devices, stop_tokens_extra)
+        lm = LocalModel(model_dir, device, stop_tokens_extra)
         start = time.time()  # after loading: the figures are decoding speed
         info.update(threads=lm.threads, stop_tokens=list(lm.stops.values()))
         log.info("%s on %s (%s threads), stop tokens %s", Path(model_dir).name, device, lm.threads,
@@ -160,7 +160,7 @@ def answer_all(tests, out_path, model_dir, role, params, server_log):
     if p["backend"] == "local":
         Path(server_log).write_text("infer.backend=local: no server\n")
         return generate_all(tests, out_path, model_dir, p["top_p"], p["temperature"], p["max_dec_len"],
-                            p["batch_size"], p["seed"], e["device"], e["devices"], p.get("stop_tokens") or ())
+                            p["batch_size"], p["seed"], e["device"], p.get("stop_tokens") or ())
     sampling = (p["top_p"], p["temperature"], p["max_dec_len"], p["seed"])
     o = p["openai"]
     client = dict(concurrency=o["concurrency"], timeout=o["timeout_s"], max_retries=o["max_retries"],

@@ -18,7 +18,7 @@ Held-out likelihood: the per-token negative log-likelihood of each validation pr
 predicts good answers it was not trained on (a model that only learned to apologise gets worse at it).
 
 How it runs: the train stage writes the probe spec next to the engine YAML (SPEC_NAME); the engine process
-(engine._engine_main) finds it and adds LengthProbe to the engine's trainer, which prints one line per probe
+(engine_main._engine_main) finds it and adds LengthProbe to the engine's trainer, which prints one line per probe
 (MARK + JSON); the stage turns them into DVCLive curves. Rank 0 only on several GPUs; the stop decision is
 broadcast to every rank (unverified on a GPU: none was available to this project).
 """

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .common import fingerprint, get_logger
-from .engine import stop_group, without_secrets
+from .launch import stop_group, without_secrets
 from .openai_client import ServedError, served_models
 
 log = get_logger("managed")

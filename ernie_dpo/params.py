@@ -71,11 +71,6 @@ def StrList():
     return Rule("list", "of strings", lambda v: all(isinstance(x, str) for x in v))
 
 
-def Devices():
-    return Rule("str", "of GPU ids like '0' or '0,1,2,3'",
-                lambda v: all(p.strip().isdigit() for p in v.split(",")))
-
-
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "dpop", "kto_pair", "sppo_hard", "nca_pair", "or")
 
 SCHEMA = {
@@ -93,7 +88,7 @@ SCHEMA = {
     "model.tiny.warmup_steps": Int(1), "model.tiny.warmup_batch_size": Int(1),
     "model.tiny.warmup_learning_rate": Num(gt=0), "model.tiny.warmup_rejected_weight": Int(1),
     "model.tiny.max_seq_len": Int(16),
-    "engine.device": Choice("cpu", "gpu"), "engine.devices": Devices(), "engine.nnodes": Int(1),
+    "engine.device": Choice("cpu", "gpu"), "engine.gpus": Int(1), "engine.nnodes": Int(1),
     "engine.tensor_parallel": Int(1), "engine.sharding_parallel": Int(1),
     "engine.sharding_stage": Choice("stage1", "stage2", "stage3"),
     "infer.top_p": Num(gt=0, le=1), "infer.temperature": Num(ge=0), "infer.max_dec_len": Int(1),

@@ -18,36 +18,38 @@ Run it:
 
     ernie-dpo series                    # current profile (params.yaml), one experiment at a time
     ernie-dpo series --jobs 2           # two at a time (CPU: needs the RAM; one GPU: keep 1)
-    ernie-dpo series --gpus 0,1,2,3     # one experiment per GPU, four at a time (docs/scaling.md)
-    ernie-dpo series --gpus 0,1,2,3 --gpus-per-experiment 2    # two at a time, on GPUs 0,1 and 2,3
-    ernie-dpo series --launcher sky --bucket BUCKET            # one SkyPilot managed job per experiment
+    ernie-dpo series --gpus 0,1,2,3     # a queue worker per GPU: each experiment on a free GPU (docs/scaling.md)
+    ernie-dpo series --gpus 0,1,2,3 --gpus-per-experiment 2    # two workers, on GPUs 0,1 and 2,3
+    ernie-dpo series --only exp3        # rerun exp3 alone; exp1, exp2, exp4 are kept
+    ernie-dpo series --launcher sky --bucket s3://BUCKET --wait # one SkyPilot managed job per experiment
     ernie-dpo series --dry              # print the commands and stop (with any of the above)
 
 What it does, in order:
 1. `dvc repro evaluate_baseline`: prepared data, test set and baseline metrics in the workspace (no-op when done).
 2. Counts the pairs of each training-set variant with the trainset stage's own code, and plans exp1-exp4
-   (ernie_dpo/series.py: sizes, max_steps = one epoch, exp4 = 2 epochs with 10% warmup).
-3. Removes earlier experiments with these names on this commit, queues the four with every varied key set
-   (`dvc exp run --queue -n expN -S ...`) and runs the queue (`dvc exp run --run-all -j N`).
+   (sizes, max_steps = one epoch, exp4 = 2 epochs with 10% warmup).
+3. Removes earlier experiments with these names on this commit (with --only: those only), queues them with every
+   varied key set (`dvc exp run --queue -n expN -S ...`) and starts DVC queue workers: one per --jobs, or one per
+   GPU group, each with CUDA_VISIBLE_DEVICES set to its group. A worker takes the next queued experiment as soon as
+   its last one ends; no GPU id is an experiment parameter, so an experiment is one cache entry on any GPU.
    Queued experiments run in temp folders: the workspace and its params.yaml are left as they are.
-   With --gpus: in waves of as many experiments as there are device groups, each experiment with its own group
-   (`-S 'engine.devices="2"'`), each wave finished before the next is queued (see `waves` for why).
-4. Checks every experiment finished, then writes metrics/report.md (ernie-dpo report).
+4. Reports each experiment as it ends -- a failure at once, with the tail of its log and the --only command that
+   reruns it -- then writes metrics/report.md (ernie-dpo report) from every finished experiment.
 
-With --launcher sky, steps 3-4 become one `sky jobs launch sky/experiment.yaml --env EXP_NAME=expN
---env EXP_PARAMS="<the same overrides>" ...` per experiment, on the commit pushed to the git remote, after checking
-that the baseline is committed and on the DVC remote (the jobs pull it instead of recomputing it). Their results
-come back with `dvc exp pull origin exp1 exp2 exp3 exp4`; `ernie-dpo report` then writes the report.
+With --launcher sky, steps 3-4 become one SkyPilot managed job per experiment (ernie_dpo/cloud.py): the commit
+pushed to the git remote, checked first that a job could push its result home (`git push --dry-run` with GIT_TOKEN,
+a write to the DVC remote), the baseline committed and on the DVC remote (the jobs pull it; --baseline computes it
+in a job of its own). --wait polls the jobs, pulls the finished experiments and writes the report.
 """
 import argparse
 import math
+import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+from . import cloud
 from .common import get_logger, load_params, read_json, read_jsonl
 from .data import DataError, pool_outside, select_pairs, split_eval
 from .report import NAMES, find
@@ -119,11 +121,12 @@ def overrides(params):
 # ------------------------------------------------------------------------------------------ where experiments run
 
 def device_groups(gpus, per_experiment=1):
-    """--gpus "0,1,2,3" -> ["0", "1", "2", "3"]; with per_experiment 2 -> ["0,1", "2,3"]: each one experiment's
-    engine.devices. GPUs that would not fill a whole group are refused, not silently left idle."""
+    """--gpus "0,1,2,3" -> ["0", "1", "2", "3"]; with per_experiment 2 -> ["0,1", "2,3"]: each one queue worker's
+    CUDA_VISIBLE_DEVICES (ids as nvidia-smi shows them, or GPU UUIDs). GPUs that would not fill a whole group are
+    refused, not silently left idle."""
     ids = [g.strip() for g in str(gpus).split(",") if g.strip()]
-    if not ids or not all(g.isdigit() for g in ids):
-        raise ValueError(f"--gpus takes GPU ids like 0,1,2,3, got {gpus!r}")
+    if not ids or not all(g.isdigit() or g.startswith(("GPU-", "MIG-")) for g in ids):
+        raise ValueError(f"--gpus takes GPU ids like 0,1,2,3 (or GPU-<uuid>), got {gpus!r}")
     if len(set(ids)) != len(ids):
         raise ValueError(f"--gpus names a GPU twice: {gpus!r}")
     if per_experiment < 1 or len(ids) % per_experiment:
@@ -131,53 +134,10 @@ def device_groups(gpus, per_experiment=1):
     return [",".join(ids[i:i + per_experiment]) for i in range(0, len(ids), per_experiment)]
 
 
-def waves(names, groups):
-    """[[(name, devices), ...], ...]: at most len(groups) experiments at a time, each on a device group of its own.
-
-    Why waves, and not the whole queue with `-j len(groups)` and the groups handed out round-robin: DVC's queue does
-    start experiments in the order they were queued (its filesystem broker takes the oldest message first), but an
-    experiment's devices are fixed when it is queued and experiments finish in any order -- exp3 (GPU 0) would start
-    as soon as exp2 (GPU 1) finished, while exp1 was still training on GPU 0. Nor can each queue worker get a GPU of
-    its own: the workers inherit the environment of the one process that starts them. So each wave is queued and run
-    to its end before the next is queued; a GPU whose experiment ends early waits for the rest of its wave."""
-    n = len(groups)
-    return [[(name, groups[k]) for k, name in enumerate(names[i:i + n])] for i in range(0, len(names), n)]
-
-
-def queue_command(name, profile, params, devices=None):
-    """`dvc exp run --queue` arguments (after `dvc`) for one experiment, with its own engine.devices if given."""
-    cmd = ["exp", "run", "--queue", "-n", name, "-S", f"profile={profile}", *overrides(params)]
-    if devices is not None:
-        cmd += ["-S", f'engine.devices="{devices}"']  # quoted for Hydra: unquoted, 0,1 would be a sweep over 0 and 1
-    return cmd
-
-
-def queue_plan(experiments, profile, groups=None, jobs=1):
-    """[(queue commands, run command), ...], one per wave; without groups a single wave, `jobs` at a time."""
-    batches = waves(list(experiments), groups) if groups else [[(name, None) for name in experiments]]
-    return [([queue_command(name, profile, experiments[name], devices) for name, devices in batch],
-             ["exp", "run", "--run-all", "-j", str(len(batch) if groups else jobs)]) for batch in batches]
-
-
-SKY_TASK = "sky/experiment.yaml"
-
-
-def exp_params(profile, params):
-    """EXP_PARAMS of sky/experiment.yaml: the same overrides as the local `-S` ones, separated by spaces (its `run`
-    splits them on spaces and passes each as one -S)."""
-    values = [f"profile={profile}", *(f"{key}={value}" for key, value in params.items())]
-    spaced = [v for v in values if len(v.split()) != 1]
-    if spaced:
-        raise ValueError(f"EXP_PARAMS cannot carry a value with a space: {spaced}")
-    return " ".join(values)
-
-
-def sky_commands(experiments, profile, repo_url, ref, bucket, task=SKY_TASK, sky="sky"):
-    """One `sky jobs launch` per experiment: its name, overrides, the commit to clone and the checkpoint bucket."""
-    return [[sky, "jobs", "launch", task, "-n", f"ernie-dpo-{name}", "-y", "-d",
-             "--env", f"EXP_NAME={name}", "--env", f"EXP_PARAMS={exp_params(profile, params)}",
-             "--env", f"REPO_URL={repo_url}", "--env", f"REPO_REF={ref}", "--env", f"CKPT_BUCKET={bucket}"]
-            for name, params in experiments.items()]
+def queue_command(name, profile, params):
+    """`dvc exp run --queue` arguments (after `dvc`) for one experiment. No GPU id among them: which GPU runs it is
+    the worker's CUDA_VISIBLE_DEVICES, so the experiment is the same (one cache entry) whichever GPU it lands on."""
+    return ["exp", "run", "--queue", "-n", name, "-S", f"profile={profile}", *overrides(params)]
 
 
 # ------------------------------------------------------------------------------------------ ernie-dpo series
@@ -194,10 +154,6 @@ def sh(args, check=True):
     return r
 
 
-def git(*args):
-    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-
-
 def pending_queue():
     """Names of experiments already queued or running in DVC's queue (a queue run would run them too)."""
     from dvc.repo import Repo
@@ -207,75 +163,95 @@ def pending_queue():
         return [e.name or e.stash_rev[:7] for e in [*q.iter_active(), *q.iter_queued()]]
 
 
-def sky_binary():
-    """SkyPilot from its own environment (`make sky-venv`), else a `sky` on PATH."""
-    local = Path(".venv-sky/bin/sky")
-    return str(local) if local.exists() else shutil.which("sky")
+def start_workers(slots):
+    """One DVC queue worker per slot, each with its own CUDA_VISIBLE_DEVICES (slot None: the environment as it is).
 
-
-def sky_preflight(remote, names):
-    """What the cloud jobs need from here: this commit on the git remote, no experiment of these names there yet,
-    and the baseline committed and on a DVC remote the cloud can reach (the jobs pull it instead of recomputing)."""
-    head = git("rev-parse", "HEAD")
-    if not any(b.startswith(f"{remote}/") for b in git("branch", "-r", "--contains", head,
-                                                       "--format=%(refname:short)").splitlines()):
-        sys.exit(f"series: commit {head[:7]} is not on the git remote {remote!r}, where the jobs clone it from: "
-                 f"`git push {remote} HEAD` first")
-    prefix = f"refs/exps/{head[:2]}/{head[2:]}/"
-    taken = [ref.split("/")[-1] for ref in git("ls-remote", remote, "refs/exps/*").split()
-             if ref.startswith(prefix) and ref.split("/")[-1] in names]
-    if taken:
-        sys.exit(f"series: {remote} already has experiment(s) {', '.join(taken)} of this commit; a job could not "
-                 f"push its result. Remove them first: dvc exp remove -g {remote} {' '.join(taken)}")
+    DVC's queue runs every experiment in a worker process (`dvc exp queue-worker`, one experiment at a time each, the
+    next queued one as soon as it is free) and a worker's experiments inherit its environment. `dvc queue start -j N`
+    starts N workers from one environment; here each is started (DVC's own _spawn_worker, dvc 3.67) while
+    CUDA_VISIBLE_DEVICES names its GPUs: a queue per GPU group, each GPU busy as long as experiments are waiting."""
     from dvc.repo import Repo
 
     with Repo() as repo:
-        default = repo.config["core"].get("remote")
-        url = repo.config["remote"].get(default, {}).get("url", "") if default else ""
-    if "://" not in url:
-        sys.exit(f"series: the default DVC remote {default!r} ({url or 'none'}) is not one the cloud can reach: "
-                 "`dvc remote add -d -f storage s3://<bucket>/<path>` (or gs://, ssh://), commit .dvc/config, push "
-                 "(docs/scaling.md, 'A shared DVC remote')")
-    git_url = git("remote", "get-url", remote)
-    if not git_url.startswith(("https://", "http://", "ssh://", "git@")):
-        sys.exit(f"series: the git remote {remote!r} is {git_url}, which a cloud VM cannot clone: use an https:// "
-                 "remote (docs/scaling.md, 'What you provide')")
-    sh(DVC + ["repro", "--pull", "evaluate_baseline", "probe_baseline"])
-    changed = git("status", "--porcelain", "--", "dvc.lock", "params.yaml", "metrics")
-    if changed:
-        sys.exit("series: the baseline in the workspace is not the committed one; the jobs start from the commit. "
-                 "Commit (and push) it first:\n" + changed)
-    sh(DVC + ["push", "--with-deps", "evaluate_baseline", "probe_baseline"])
+        q = repo.experiments.celery_queue
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        try:
+            for k, slot in enumerate(slots, 1):
+                if slot is not None:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = slot
+                log.info("queue worker %d%s", k, f": CUDA_VISIBLE_DEVICES={slot}" if slot is not None else "")
+                q._spawn_worker(k)
+        finally:
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
-def run_queue(steps):
-    """Queue each wave's experiments and run them (`dvc exp run --run-all` waits for the wave to end)."""
-    for queue, run in steps:
-        for cmd in queue:
-            sh(DVC + cmd)
-        sh(DVC + run, check=False)  # a failed experiment is reported afterwards; the next wave still runs
+def queue_state(revs):
+    """{stash rev: "queued" | "running" | "success" | "failed"} for the experiments this series queued."""
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        q = repo.experiments.celery_queue
+        state = {e.stash_rev: "queued" for e in q.iter_queued()}
+        state.update({e.stash_rev: "running" for e in q.iter_active()})
+        state.update({r.entry.stash_rev: "success" for r in q.iter_success()})
+        state.update({r.entry.stash_rev: "failed" for r in q.iter_failed()})
+    return {rev: state.get(rev, "queued") for rev in revs}
 
 
-def launch_sky(experiments, profile, args):
-    sky = sky_binary() or "sky"
-    try:
-        repo_url = git("remote", "get-url", args.git_remote)
-    except subprocess.CalledProcessError:
-        sys.exit(f"series: no git remote {args.git_remote!r}: the jobs clone the project from it and push to it")
-    cmds = sky_commands(experiments, profile, repo_url, git("rev-parse", "HEAD"), args.bucket, args.task, sky)
-    names = " ".join(experiments)
-    after = (f"When the jobs are done (`{sky} jobs queue`): dvc exp pull {args.git_remote} {names}   "
-             f"(-f replaces local experiments of these names), then: ernie-dpo report --names {names}")
-    if args.dry:
-        for cmd in cmds:
-            print(shlex.join(cmd))
-        print(f"# {after}")
-        return
-    if not sky_binary():
-        sys.exit("series: no SkyPilot here: `make sky-venv` installs it into .venv-sky")
-    for cmd in cmds:
-        sh(cmd)
-    log.info("launched %d managed jobs. %s", len(cmds), after)
+def log_tail(name, lines=30):
+    out = subprocess.run(DVC + ["queue", "logs", name], capture_output=True, text=True)
+    return "\n".join((out.stdout + out.stderr).splitlines()[-lines:])
+
+
+def wait_for_idle_workers(timeout_s=180):
+    """Workers of an earlier series still idling (DVC's exit after 60 s without work) would take the new experiments
+    in THEIR environment, on their GPUs: stop them and wait until they are gone."""
+    from dvc.repo import Repo
+
+    deadline = time.time() + timeout_s
+    with Repo() as repo:
+        q = repo.experiments.celery_queue
+        if q.worker_status():
+            log.info("stopping idle DVC queue workers of an earlier run")
+            q.shutdown()
+        while q.worker_status():
+            if time.time() > deadline:
+                sys.exit("series: DVC queue workers of an earlier run do not stop (`dvc queue status`); "
+                         "`dvc queue kill` them or wait for them to finish")
+            time.sleep(2)
+
+
+def run_local(experiments, profile, slots, poll_s=10):
+    """Queue the experiments, start one worker per slot, report each experiment as it ends (a failure with the tail
+    of its log, at once), and return {name: {"status": "success" | "failed", "at": when it was seen to end}}."""
+    from dvc.repo import Repo
+
+    wait_for_idle_workers()
+    with Repo() as repo:
+        before = {e.stash_rev for e in repo.experiments.celery_queue.iter_queued()}
+    for name, params in experiments.items():
+        sh(DVC + queue_command(name, profile, params))
+    with Repo() as repo:
+        revs = {e.stash_rev: e.name for e in repo.experiments.celery_queue.iter_queued() if e.stash_rev not in before}
+    start_workers(slots)
+    reported, started = {}, time.time()
+    while len(reported) < len(revs):
+        time.sleep(poll_s)
+        for rev, status in queue_state(revs).items():
+            name = revs[rev]
+            if status in ("success", "failed") and name not in reported:
+                reported[name] = {"status": status, "at": time.time()}
+                if status == "failed":
+                    log.error("%s FAILED after %.0f s (the others go on). Last lines of `dvc queue logs %s`:\n%s\n"
+                              "Rerun it alone, keeping the others: ernie-dpo series --only %s", name,
+                              time.time() - started, name, log_tail(name), name)
+                else:
+                    log.info("%s finished after %.0f s (%d of %d)", name, time.time() - started, len(reported),
+                             len(revs))
+    return reported
 
 
 def main(argv=None):
@@ -283,32 +259,47 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="ernie-dpo series", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, help="experiments run at the same time (default 1; one GPU: 1)")
-    ap.add_argument("--gpus", help="GPU ids, e.g. 0,1,2,3: every experiment gets its own GPU (engine.devices) and as "
-                                   "many run at once as there are GPUs, never two on one GPU")
+    ap.add_argument("--gpus", help="GPU ids (nvidia-smi's), e.g. 0,1,2,3: one queue worker per GPU (group), each "
+                                   "with CUDA_VISIBLE_DEVICES set to it; never two experiments on one GPU")
     ap.add_argument("--gpus-per-experiment", type=int, default=1, metavar="N",
                     help="with --gpus: N GPUs per experiment (0,1 and 2,3 for --gpus 0,1,2,3 and N=2)")
+    ap.add_argument("--only", help="comma-separated experiment names (exp1..exp4): run these, keep the others")
     ap.add_argument("--launcher", choices=("local", "sky"), default="local",
                     help="local: DVC's queue on this machine; sky: one SkyPilot managed job per experiment "
-                         f"({SKY_TASK}, docs/scaling.md)")
-    ap.add_argument("--bucket", help="--launcher sky: the bucket the jobs keep their checkpoints in (CKPT_BUCKET)")
+                         f"({cloud.SKY_TASK}, docs/scaling.md)")
+    ap.add_argument("--bucket", help="--launcher sky: the bucket URL the jobs keep their checkpoints in "
+                                     "(s3://name, gs://name: the store is pinned)")
     ap.add_argument("--git-remote", default="origin",
                     help="--launcher sky: the git remote the jobs clone from and push their experiments to")
-    ap.add_argument("--task", default=SKY_TASK, help="--launcher sky: the SkyPilot task file")
+    ap.add_argument("--task", default=cloud.SKY_TASK, help="--launcher sky: the SkyPilot task file")
+    ap.add_argument("--secret", action="append", metavar="NAME",
+                    help="--launcher sky: an environment variable passed to the jobs as a SkyPilot secret (the DVC "
+                         "remote's credentials, e.g. AWS_ACCESS_KEY_ID); GIT_TOKEN always is")
+    ap.add_argument("--baseline", action="store_true",
+                    help="--launcher sky: compute the baseline in a cloud job (then commit it, and run the series)")
+    ap.add_argument("--wait", action="store_true",
+                    help="--launcher sky: wait for the jobs, pull their experiments, write the report")
     ap.add_argument("--dry", action="store_true", help="print the plan and the commands, run nothing")
     args = ap.parse_args(argv)
-    groups = None
+    slots = [None] * (args.jobs or 1)
     if args.gpus:
         try:
-            groups = device_groups(args.gpus, args.gpus_per_experiment)
+            slots = device_groups(args.gpus, args.gpus_per_experiment)
         except ValueError as e:
             ap.error(str(e))
-        if args.jobs is not None and args.jobs != len(groups):
-            ap.error(f"--jobs {args.jobs} with {len(groups)} GPU groups: --gpus already runs one experiment per group")
+        if args.jobs is not None and args.jobs != len(slots):
+            ap.error(f"--jobs {args.jobs} with {len(slots)} GPU groups: --gpus already runs one experiment per group")
     if args.launcher == "sky" and (args.gpus or args.jobs):
         ap.error("--launcher sky: every job gets GPUs of its own (resources in the task file); --gpus and --jobs are "
                  "for this machine")
     if args.launcher == "sky" and not args.bucket:
         ap.error("--launcher sky needs --bucket (where the jobs keep the checkpoints they resume from)")
+    if args.launcher != "sky" and (args.secret or args.baseline or args.wait):
+        ap.error("--secret, --baseline and --wait are for --launcher sky")
+    only = [n.strip() for n in args.only.split(",")] if args.only else list(NAMES)
+    unknown = sorted(set(only) - set(NAMES))
+    if unknown:
+        ap.error(f"--only: unknown experiment(s) {', '.join(unknown)}; the series has {', '.join(NAMES)}")
     start = time.time()
 
     # Uncommitted changes to conf/ would be copied into every queued experiment: refuse rather than mix them in.
@@ -321,15 +312,59 @@ def main(argv=None):
 
     params = load_params()
     profile = params["profile_name"]
-    if not args.dry:
-        if args.launcher == "sky":
-            sky_preflight(args.git_remote, NAMES)
-        else:
-            pending = pending_queue()
-            if pending:  # they would run in the same queue run, on whatever devices they were queued with
-                sys.exit(f"series: DVC's queue already holds {', '.join(pending)} (`dvc queue status`); let them "
-                         "finish or remove them (`dvc queue remove --queued`) first")
-            sh(DVC + ["repro", "evaluate_baseline"])
+    if args.launcher == "sky" and not args.dry:  # before any VM starts: could the jobs bring their results home?
+        cloud.local_checks(args.git_remote, ["baseline"] if args.baseline else only, baseline=not args.baseline)
+    if args.launcher == "sky" and args.baseline:
+        return cloud.launch({"baseline": {}}, profile, args, sh)
+    if not args.dry and args.launcher == "local":
+        pending = pending_queue()
+        if pending:  # the new workers would run them too, in their environment
+            sys.exit(f"series: DVC's queue already holds {', '.join(pending)} (`dvc queue status`); let them "
+                     "finish or remove them (`dvc queue remove --queued`) first")
+        sh(DVC + ["repro", "evaluate_baseline"])
+    experiments = {n: p for n, p in plan_series(params).items() if n in only}
+    for name, p in experiments.items():
+        log.info("%s: %s", name, ", ".join(f"{k}={v}" for k, v in p.items()))
+    if args.launcher == "sky":
+        return cloud.launch(experiments, profile, args, sh)
+    if args.gpus:
+        if params["engine"]["device"] == "cpu":
+            log.warning("engine.device is cpu (profile %s): --gpus only sets how many experiments run at once here",
+                        profile)
+        experiments = {n: {**p, "engine.gpus": args.gpus_per_experiment} for n, p in experiments.items()}
+    if args.dry:
+        for name, p in experiments.items():
+            print("dvc " + shlex.join(queue_command(name, profile, p)))
+        for k, slot in enumerate(slots, 1):
+            print(f"# queue worker {k}" + (f": CUDA_VISIBLE_DEVICES={slot}" if slot is not None else ""))
+        return
+
+    import dvc.api
+
+    existing = [r["Experiment"] for r in dvc.api.exp_show() if r.get("Experiment") in experiments
+                and r["typ"] != "baseline"]
+    if existing:
+        log.info("replacing earlier experiments on this commit: %s", ", ".join(existing))
+        sh(DVC + ["exp", "remove", *existing])
+    ended = run_local(experiments, profile, slots)
+
+    done = find(dvc.api.exp_show(), NAMES)  # every finished one of the series, this run's and earlier ones
+    for n in NAMES:
+        if n in done:
+            log.info("%s: tuned mean %.1f / median %.1f chars (baseline %.1f / %.1f)", n, done[n]["tuned.chars_mean"],
+                     done[n]["tuned.chars_median"], done[n]["baseline.chars_mean"], done[n]["baseline.chars_median"])
+    log.info("series done in %.0f s", time.time() - start)
+    from .report import main as report
+
+    report([])  # every experiment of the series: a failed or not-run one shows as "not run"
+    failed = [n for n, e in ended.items() if e["status"] != "success"]
+    if failed:
+        sys.exit(f"series: {', '.join(failed)} failed (logs above; `dvc queue logs <name>`); rerun: "
+                 f"ernie-dpo series --only {','.join(failed)}")
+
+
+def plan_series(params):
+    """{name: overrides} for exp1-exp4 from the workspace's prepared data, test/validation sets and baseline."""
     try:
         pool, _, _ = pool_outside(read_jsonl("data/prepared/dpo.jsonl"), read_jsonl("data/testset/testset.jsonl")
                                   + read_jsonl("data/testset/validation.jsonl"))
@@ -339,46 +374,8 @@ def main(argv=None):
     b = basis(params)  # what the plan is computed from is what every experiment is given
     counts = count_pairs(pool, baseline_mean, b["trainset.baseline_tolerance"], b["trainset.eval_pairs"],
                          b["trainset.seed"])
-    t = params["train"]
-    experiments = {name: {**p, **b}
-                   for name, p in plan(counts, b["train.global_batch_size"], t["warmup_steps"]).items()}
     log.info("profile %s: pool of %d pairs outside the test set; near-baseline %d, ratio>=1.2 %d, ratio>=2 %d; "
-             "global batch %d", profile, len(pool), counts["near_baseline"], counts["ratio_1.2"], counts["ratio_2"],
-             t["global_batch_size"])
-    for name, p in experiments.items():
-        log.info("%s: %s", name, ", ".join(f"{k}={v}" for k, v in p.items()))
-    if args.launcher == "sky":
-        return launch_sky(experiments, profile, args)
-    if groups and params["engine"]["device"] == "cpu":
-        log.warning("engine.device is cpu (profile %s): --gpus only sets how many experiments run at once here; "
-                    "each still gets its engine.devices value, which CPU stages ignore", profile)
-    steps = queue_plan(experiments, profile, groups, args.jobs or 1)
-    if args.dry:
-        for k, (queue, run) in enumerate(steps):
-            if groups:
-                placed = ", ".join(f"{name} on GPU {devices}" for name, devices in waves(list(experiments), groups)[k])
-                print(f"# wave {k + 1} of {len(steps)}: {placed}")
-            for cmd in queue + [run]:
-                print("dvc " + shlex.join(cmd))
-        return
-
-    import dvc.api
-
-    existing = [r["Experiment"] for r in dvc.api.exp_show() if r.get("Experiment") in NAMES and r["typ"] != "baseline"]
-    if existing:
-        log.info("replacing earlier experiments on this commit: %s", ", ".join(existing))
-        sh(DVC + ["exp", "remove", *existing])
-    run_queue(steps)
-
-    done = find(dvc.api.exp_show(), NAMES)  # the finished ones (with tuned metrics)
-    failed = [n for n in experiments if n not in done]
-    for n in experiments:
-        if n in done:
-            log.info("%s: tuned mean %.1f / median %.1f chars (baseline %.1f / %.1f)", n, done[n]["tuned.chars_mean"],
-                     done[n]["tuned.chars_median"], done[n]["baseline.chars_mean"], done[n]["baseline.chars_median"])
-    if failed:
-        sys.exit(f"series: {', '.join(failed)} did not finish; see `dvc queue status` and `dvc queue logs <name>`")
-    log.info("series done in %.0f s", time.time() - start)
-    from .report import main as report
-
-    report([])
+             "global batch %d", params["profile_name"], len(pool), counts["near_baseline"], counts["ratio_1.2"],
+             counts["ratio_2"], b["train.global_batch_size"])
+    return {name: {**p, **b} for name, p in plan(counts, b["train.global_batch_size"],
+                                                 params["train"]["warmup_steps"]).items()}

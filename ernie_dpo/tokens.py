@@ -231,7 +231,7 @@ def _pair_from_ids(self, example, original):
 
 
 def install_engine_hooks():
-    """In the engine process (engine._engine_main): cumulative chat encoding, and pairs trained on their token_ids."""
+    """In the engine process (engine_main._engine_main): cumulative chat encoding, and pairs trained on their token_ids."""
     from paddleformers.datasets.DPODataset import BaseDPODataSet
 
     use_cumulative_chat_encoding()

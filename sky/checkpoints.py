@@ -8,7 +8,7 @@ own disk. Instead, `run` in sky/experiment.yaml does
     python sky/checkpoints.py restore $CKPT_MOUNT/$EXP_NAME checkpoints       # before training: bucket -> disk
     python sky/checkpoints.py mirror checkpoints $CKPT_MOUNT/$EXP_NAME &       # while training: disk -> bucket
 
-`mirror` copies the newest checkpoint the engine has finished writing (engine.checkpoint_is_complete) once: its
+`mirror` copies the newest checkpoint the engine has finished writing (weights.checkpoint_is_complete) once: its
 files first, then a manifest (file -> size); the bucket keeps the two newest copies of each train-<hash> folder (the
 engine itself keeps one, save_total_limit 1). `restore` copies back, per train-<hash> folder, the newest copy whose
 manifest is there and whose files all have the listed sizes. Two, because a bucket mount uploads in the background in
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from ernie_dpo.engine import (
+from ernie_dpo.weights import (
     checkpoint_is_complete,  # the installed project (`make install-gpu` in setup)
 )
 

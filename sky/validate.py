@@ -29,7 +29,8 @@ def placeholders(path):
     """A value for every required (null) env, so the file loads as it will with `--env KEY=...`."""
     with open(path, encoding="utf-8") as f:
         envs = (yaml.safe_load(f) or {}).get("envs") or {}
-    return {k: f"placeholder-{k.lower().replace('_', '-')}" for k, v in envs.items() if v is None}
+    fixed = {"CKPT_STORE": "s3"}  # a value the storage schema accepts
+    return {k: fixed.get(k, f"placeholder-{k.lower().replace('_', '-')}") for k, v in envs.items() if v is None}
 
 
 def load(path, env_overrides):
@@ -77,7 +78,11 @@ def describe(task):
         "sky": sky.__version__, "name": task.name, "num_nodes": task.num_nodes,
         "accelerators": res.accelerators, "use_spot": res.use_spot, "disk_size": res.disk_size,
         "workdir": task.workdir, "envs": dict(task.envs),
-        "storage_mounts": {dst: {"name": s.name, "mode": s.mode.value} for dst, s in task.storage_mounts.items()},
+        "storage_mounts": {dst: {"name": s.name, "mode": s.mode.value,
+                                 "store": [str(getattr(t, "value", t)) for t in (s.stores or {})]}
+                           for dst, s in task.storage_mounts.items()},
+        "secrets": sorted(set(task.secrets) | {r.name for r in task.managed_secret_refs}),  # null ones: --secret
+        "job_recovery": res.job_recovery,
         "setup": task.setup, "run": task.run,
     }
 

@@ -11,7 +11,7 @@ model.name_or_path picks where the model comes from:
   its files kept as the hub has them.
 Whatever the source: a checkpoint in PaddlePaddle's own layout (the `-Paddle` repositories), which PaddleFormers 1.2
 cannot load, is refused with the name of the `-PT` repository to use; the directory is made loadable on
-engine.device (engine.prepare_model_dir: on a CPU every model needs `fuse_rms_norm: false`); and the model is loaded
+engine.device (weights.prepare_model_dir: on a CPU every model needs `fuse_rms_norm: false`); and the model is loaded
 and checked (finite logits, a short greedy reply: generate.sanity_check). metrics/base_model.json says what was changed
 and what the check saw.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ernie_dpo import engine, generate, gguf_model, tiny
+from ernie_dpo import devices, engine, generate, gguf_model, launch, tiny, weights
 from ernie_dpo.common import (
     get_logger,
     load_params,
@@ -63,7 +63,7 @@ def build_tiny(t, device):
             losses.append(s.get("loss"))
             bar.set_postfix(loss=f"{s.get('loss', float('nan')):.3f}")
             bar.update(s["global_step"] - bar.n)
-        engine.run(engine.launch_command("train", cfg_path, device), LOGS / "warmup.log", on_step)
+        launch.run(launch.launch_command("train", cfg_path, device), LOGS / "warmup.log", on_step)
     shutil.rmtree(init)
     return {"kind": "tiny (demo, random init + warm-up)", "parameters": n_params, "warmup_examples": len(sft),
             "warmup_first_loss": round(losses[0], 4), "warmup_final_loss": round(losses[-1], 4)}
@@ -119,7 +119,7 @@ def main():
     stage_parser(__file__, __doc__).parse_args()
     params = load_params()
     m, device = params["model"], params["engine"]["device"]
-    engine.require_device(params, "base_model")
+    devices.require_device(params, "base_model")
     for d in (OUT, LOGS):
         shutil.rmtree(d, ignore_errors=True)
     LOGS.mkdir(parents=True)
@@ -132,15 +132,15 @@ def main():
     else:
         info = fetch_pretrained(name, m["revision"])
     try:
-        engine.check_layout(OUT, name)
-    except engine.LayoutError as e:
+        weights.check_layout(OUT, name)
+    except weights.LayoutError as e:
         shutil.rmtree(OUT)
         sys.exit(f"base_model: {e}")
-    info["config_changes"] = engine.prepare_model_dir(OUT, device)
+    info["config_changes"] = weights.prepare_model_dir(OUT, device)
     if info["config_changes"]:
         log.info("made %s loadable on %s: %s", OUT, device, info["config_changes"])
     try:
-        info["sanity"] = generate.sanity_check(OUT, device, params["engine"]["devices"])
+        info["sanity"] = generate.sanity_check(OUT, device)
     except RuntimeError as e:
         sys.exit(f"base_model: {e}")
     log.info("loaded and checked: logits finite, greedy reply to %r: %r", generate.SANITY_PROMPT,

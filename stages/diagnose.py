@@ -43,7 +43,7 @@ def main():
     pairs = [pairs[i] for i in first + rest]  # the sample first, then the others to replace pairs training drops
     replies = [r for r in replies if r["reply"]]
     replies = rng.sample(replies, min(d["max_pairs"], len(replies)))
-    lm = LocalModel("models/base", params["engine"]["device"], params["engine"]["devices"])
+    lm = LocalModel("models/base", params["engine"]["device"])
     suffix = tokens.answer_suffix(lm.tokenizer)
     scored, rejected_chars = [], []
     for r in pairs:

@@ -14,7 +14,7 @@ sampling settings with top_k off, stop tokens, replies/s, new tokens/s) to metri
 import sys
 from pathlib import Path
 
-from ernie_dpo import engine
+from ernie_dpo import devices
 from ernie_dpo.common import (
     fingerprint,
     get_logger,
@@ -39,7 +39,7 @@ def main():
     params = load_params()
     p, device = params["infer"], params["engine"]["device"]
     role = Path(args.out).stem  # baseline | tuned: picks the server with infer.backend=openai
-    engine.require_device(params, "infer", local=p["backend"] == "local")  # a server brings its own device
+    devices.require_device(params, "infer", local=p["backend"] == "local")  # a server brings its own device
     test_path = "data/testset/testset.jsonl"
     tests = read_jsonl(test_path)
     partial = Path("data/infer/partial") / f"{Path(args.out).stem}-{fingerprint([args.model, test_path], [p, device])}.jsonl"

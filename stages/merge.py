@@ -4,7 +4,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ernie_dpo import engine
+from ernie_dpo import devices, engine, weights
 from ernie_dpo.common import get_logger, load_params, stage_parser
 
 log = get_logger("merge")
@@ -26,15 +26,16 @@ def main():
     stage_parser(__file__, __doc__).parse_args()
     params = load_params()
     fine_tuning, device = params["train"]["fine_tuning"], params["engine"]["device"]
-    engine.require_device(params, "merge")
+    devices.require_device(params, "merge")
     shutil.rmtree(OUT, ignore_errors=True)
     if fine_tuning == "lora":
-        log.info("merging the LoRA adapter in models/train into models/base")
-        engine.merge_lora("models/base", "models/train", OUT, device)
+        dtype = engine.inference_dtype(device)  # what inference and servers load: bfloat16 on Ampere GPUs
+        log.info("merging the LoRA adapter in models/train into models/base (summed in float32, saved in %s)", dtype)
+        weights.merge_lora("models/base", "models/train", OUT, device, save_dtype=dtype)
     else:
         log.info("full fine-tuning: linking models/train to %s (tokenizer files from models/base)", OUT)
         link_tree("models/train", OUT)
-        engine.copy_tokenizer_files("models/base", OUT)  # as the hub wrote them, not as the engine re-saved them
+        weights.copy_tokenizer_files("models/base", OUT)  # as the hub wrote them, not as the engine re-saved them
     log.info("merged model ready in %s", OUT)
 
 

@@ -10,7 +10,7 @@ infer.backend applies here too.
 import sys
 from pathlib import Path
 
-from ernie_dpo import engine
+from ernie_dpo import devices
 from ernie_dpo.common import (
     fingerprint,
     get_logger,
@@ -36,7 +36,7 @@ def main():
     args = ap.parse_args()
     params = load_params()
     p, samples, device = params["infer"], params["probes"]["samples"], params["engine"]["device"]
-    engine.require_device(params, "probe", local=p["backend"] == "local")  # a server needs no device here
+    devices.require_device(params, "probe", local=p["backend"] == "local")  # a server needs no device here
     try:
         probes = load_probes(PROBES)
     except ProbeError as e:

@@ -13,7 +13,7 @@ More than train.max_skipped_share dropped stops the stage. After training, any "
 pairs offered - pairs dropped = pairs trained, on every profile.
 
 Outputs: models/train (LoRA adapter or full model), logs/train/pairs.jsonl, logs/train/dpo.yaml (the exact engine
-config; rerun it by hand with `python -m ernie_dpo.engine train logs/train/dpo.yaml`, never with
+config; rerun it by hand with `python -m ernie_dpo.engine_main train logs/train/dpo.yaml`, never with
 `paddleformers-cli train`, which would re-encode the pairs its own way), logs/train/engine.log, metrics/train.json
 (last-step, held-out and length-probe values), metrics/dvclive/ (per-step curves) and metrics/plots/dpo_curves.png.
 """
@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 from dvclive import Live
 from tqdm import tqdm
 
-from ernie_dpo import engine, length_probe, tokens
+from ernie_dpo import devices, engine, engine_main, launch, length_probe, tokens, weights
 from ernie_dpo.common import (
     fingerprint,
     get_logger,
@@ -221,7 +221,7 @@ def engine_inputs(params, work):
         cfg = engine.dpo_config("models/base", LOGS / "pairs.jsonl", work, device, p, e,
                                 eval_path=LOGS / "eval_pairs.jsonl" if eval_pairs else None)
         cfg_path = engine.write_config(cfg, LOGS / "dpo.yaml")
-        cmd = engine.launch_command("train", cfg_path, device, e["devices"], e["nnodes"])
+        cmd = launch.launch_command("train", cfg_path, device, e["gpus"], e["nnodes"])
     except (ValueError, FileNotFoundError) as err:  # FileNotFoundError: the ernie-dpo launcher is not installed
         sys.exit(f"train: {err}")
     log.info("engine inputs: %s", ", ".join(f"{f.name} sha256 {sha256_of(f)[:16]}" for f in sorted(LOGS.glob("*"))
@@ -240,7 +240,7 @@ def worker_node(args, params, work):
     if args.print_only:
         print(" ".join(cmd))
         return
-    engine.run(cmd, LOGS / "engine.log")
+    launch.run(cmd, LOGS / "engine.log")
 
 
 def main():
@@ -252,7 +252,7 @@ def main():
     args = ap.parse_args()
     params = load_params()
     p, e, device = params["train"], params["engine"], params["engine"]["device"]
-    engine.require_device(params, "train")
+    devices.require_device(params, "train")
     work = Path("checkpoints") / f"train-{fingerprint(['models/base', 'data/trainset/train.jsonl'], [p, e])}"
     if args.worker_node:
         return worker_node(args, params, work)
@@ -260,7 +260,7 @@ def main():
         log.warning("warmup_steps (%d) >= max_steps (%d): the learning rate only ramps up, to %.0f%% of %g",
                     p["warmup_steps"], p["max_steps"], 100 * p["max_steps"] / p["warmup_steps"], p["learning_rate"])
     resumed = sorted(work.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
-    for c in [c for c in resumed if not engine.checkpoint_is_complete(c)]:
+    for c in [c for c in resumed if not weights.checkpoint_is_complete(c)]:
         log.warning("removing %s: incomplete (the run was killed while saving it), the engine cannot resume from it", c)
         shutil.rmtree(c)
         resumed.remove(c)
@@ -305,8 +305,8 @@ def main():
             bar.update(s["global_step"] - bar.n)
 
         def on_line(line):
-            if engine.EVAL_PASS_MARK in line:  # one pass of the engine's eval loop: the pairs it saw
-                eval_passes.append(json.loads(line.split(engine.EVAL_PASS_MARK, 1)[1])["pairs"])
+            if engine_main.EVAL_PASS_MARK in line:  # one pass of the engine's eval loop: the pairs it saw
+                eval_passes.append(json.loads(line.split(engine_main.EVAL_PASS_MARK, 1)[1])["pairs"])
                 return
             found = length_probe.parse_line(line)
             if found is None:
@@ -336,14 +336,14 @@ def main():
                      data["chars_mean"], p["length_probe_max_dec_len"] or params["infer"]["max_dec_len"],
                      100 * data["cut_share"], data.get("nll_per_token_mean", float("nan")))
 
-        engine.run(cmd, LOGS / "engine.log", on_step, on_line=on_line)
+        launch.run(cmd, LOGS / "engine.log", on_step, on_line=on_line)
         live.make_summary()
     if not last:
         sys.exit(f"train: the engine logged no training step; see {LOGS / 'engine.log'}")
     if not math.isfinite(last.get("loss", 0.0)):
         sys.exit(f"train: the loss is {last['loss']} at step {last['global_step']} (the run diverged): lower "
                  f"train.learning_rate; see {LOGS / 'engine.log'}")
-    skipped = engine.engine_skips((LOGS / "engine.log").read_text(encoding="utf-8", errors="replace"))
+    skipped = launch.engine_skips((LOGS / "engine.log").read_text(encoding="utf-8", errors="replace"))
     if skipped:
         sys.exit(f"train: the engine skipped {skipped} pair(s) that the length count said fit (see '[SKIP]' in "
                  f"{LOGS / 'engine.log'}): pairs trained would not be pairs reported")
@@ -357,7 +357,7 @@ def main():
     final["last_step"] = {k.replace("/", "_"): round(v, 5) for k, v in last.items()
                           if k in CURVES and k != "learning_rate"}
     if heldout:
-        # every held-out pair counted once per pass (engine._each_pair_once): what the eval loop saw, recorded and
+        # every held-out pair counted once per pass (engine_main._each_pair_once): what the eval loop saw, recorded and
         # checked (a pair the engine's dataset fails to process is skipped by it, with a printed warning)
         if not eval_passes or any(n != eval_fit["pairs_trained"] for n in eval_passes):
             log.warning("the engine's eval loop saw %s pairs per pass, not the %d held-out pairs of %s: its eval_* "

@@ -87,7 +87,7 @@ def sample_records():
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, sample_records):
     """A tiny ERNIE-4.5 model after a 10-step warm-up on the real engine: enough for code paths, not for answers."""
-    from ernie_dpo import engine, tiny
+    from ernie_dpo import engine, launch, tiny
     from ernie_dpo.common import write_jsonl
 
     root = tmp_path_factory.mktemp("tiny")
@@ -95,7 +95,7 @@ def tiny_base(tmp_path_factory, sample_records):
     tiny.build_random_model(root / "init", 600, 64, 1, 4, 2, seed=1)
     write_jsonl(root / "sft.jsonl", tiny.sft_records(sample_records[:80]))
     cfg = engine.sft_config(root / "init", root / "sft.jsonl", root / "base", "cpu", 1, 128, 10, 3e-3, 8)
-    engine.run(engine.launch_command("train", engine.write_config(cfg, root / "sft.yaml"), "cpu"), root / "sft.log")
+    launch.run(launch.launch_command("train", engine.write_config(cfg, root / "sft.yaml"), "cpu"), root / "sft.log")
     return root / "base"
 
 

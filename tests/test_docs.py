@@ -102,9 +102,10 @@ def test_a_removed_or_misspelt_parameter_fails_to_compose(tmp_path):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parse = OverridesParser.create().parse_overrides
-    assert parse(["engine.devices=0,1,2,3"])[0].is_sweep_override()  # what the README once told users to type
-    quoted = parse(['engine.devices="0,1,2,3"'])[0]
-    assert not quoted.is_sweep_override() and compose(['engine.devices="0,1,2,3"'], tmp_path)["engine"]["devices"] == "0,1,2,3"
+    assert parse(["infer.stop_tokens=[a,b]"])[0].value() == ["a", "b"]  # a list value, not a sweep
+    assert parse(["train.beta=0.1,0.5"])[0].is_sweep_override()  # a comma is a sweep: DVC queues one run per value
+    with pytest.raises(ConfigCompositionException):
+        compose(['engine.devices="0,1"'], tmp_path)  # GPU ids are no parameter (CUDA_VISIBLE_DEVICES, docs/scaling.md)
 
 
 def test_profiles_compose_with_the_recipes_values(tmp_path):
@@ -175,6 +176,12 @@ def test_the_makefile_installs_each_lock_with_no_deps_and_the_project():
         assert r.returncode == 0, r.stderr
         assert f"--no-deps -r {lock}" in r.stdout and "--no-deps --no-build-isolation -e ." in r.stdout, r.stdout
     assert "www.paddlepaddle.org.cn/packages/stable/cu126/" in r.stdout  # GPU builds from PaddlePaddle's own index
+    assert "-c requirements-nvidia/cu126.txt" in r.stdout  # its NVIDIA runtime wheels pinned
+    for cuda in ("cu118", "cu126", "cu129"):  # each build's pins: every runtime library Paddle loads, exact versions
+        pins = [x for x in (ROOT / f"requirements-nvidia/{cuda}.txt").read_text().splitlines() if x and x[0] != "#"]
+        names = {p.split("==")[0].rsplit("-", 1)[0] for p in pins}
+        assert all(re.fullmatch(r"nvidia-[a-z-]+-cu1[12]==[0-9.]+", p) for p in pins), pins
+        assert {"nvidia-cuda-runtime", "nvidia-cudnn", "nvidia-cublas", "nvidia-nccl"} <= names, names
 
 
 def test_no_file_edits_sys_path_and_dvc_runs_every_stage_as_a_module_of_its_checkout():

@@ -68,7 +68,7 @@ def test_a_copy_of_the_repository_runs_its_own_ernie_dpo(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    from ernie_dpo import engine
+    from ernie_dpo import launch
 
     shutil.copytree(ROOT / "ernie_dpo", tmp_path / "ernie_dpo", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
@@ -77,6 +77,6 @@ def test_a_copy_of_the_repository_runs_its_own_ernie_dpo(tmp_path, monkeypatch):
     r = subprocess.run([sys.executable, "-m", "stages.evaluate", "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0 and f"ernie_dpo from {tmp_path / 'ernie_dpo'}" in r.stdout, r.stdout + r.stderr
     monkeypatch.chdir(tmp_path)
-    env = engine.launch_env()
+    env = launch.launch_env()
     r = subprocess.run([sys.executable, "-c", "import ernie_dpo"], cwd="/", env=env, capture_output=True, text=True)
     assert f"ernie_dpo from {tmp_path / 'ernie_dpo'}" in r.stdout, r.stdout + r.stderr

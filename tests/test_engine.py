@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from ernie_dpo import engine
+from ernie_dpo import devices, engine, engine_main, launch
 
 TRAIN = dict(max_steps=10, warmup_steps=2, global_batch_size=4, learning_rate=1e-4, fine_tuning="lora",
              loss_type="sigmoid", beta=0.1, lora_rank=8, seed=42, max_seq_len=256, max_prompt_len=128)
@@ -34,8 +34,9 @@ def test_bad_values_are_rejected():
 
 
 def test_launch_commands():
-    assert engine.launch_command("train", "x.yaml", "cpu") == [sys.executable, "-m", "ernie_dpo.engine", "train", "x.yaml"]
-    gpu = engine.launch_command("train", "logs/x.yaml", "gpu", devices="0,1")
+    assert launch.launch_command("train", "x.yaml", "cpu") == [sys.executable, "-m", "ernie_dpo.engine_main", "train",
+                                                               "x.yaml"]
+    gpu = launch.launch_command("train", "logs/x.yaml", "gpu", gpus=2, env={})
     assert gpu[1:3] == ["-m", "paddle.distributed.launch"] and gpu[gpu.index("--gpus") + 1] == "0,1"
     # each worker runs the installed console script (the launcher runs a non-.py script as an executable)
     assert gpu[-4].endswith("/ernie-dpo") and gpu[-3:] == ["engine", "train", "logs/x.yaml"]
@@ -46,13 +47,13 @@ def test_parse_a_real_dpo_step_line():
             "interval_runtime: 0.51, interval_samples_per_second: 15.6, interval_tokens_per_second_per_device: 4206.5, "
             "rewards/chosen: 0.04634, rewards/rejected: -0.36391, rewards/accuracies: 1.0, rewards/margins: 0.41025, "
             "logps/rejected: -17.48512, logps/chosen: -3.73312, progress_or_epoch: 1.5")
-    s = engine.parse_log_line(line)
+    s = launch.parse_log_line(line)
     assert s["global_step"] == 40 and s["loss"] == pytest.approx(0.51459312) and s["learning_rate"] == 5e-05
     assert s["rewards/margins"] == pytest.approx(0.41025) and s["logps/chosen"] == pytest.approx(-3.73312)
-    assert engine.parse_log_line("global_step is mentioned but no numbers") is None
-    assert engine.parse_log_line("loss: 0.3") is None
+    assert launch.parse_log_line("global_step is mentioned but no numbers") is None
+    assert launch.parse_log_line("loss: 0.3") is None
     # a diverged run: the step is kept with its nan loss (train stops on it), not dropped as an unparsed line
-    nan = engine.parse_log_line("- loss: nan, learning_rate: 5e-05, global_step: 41, rewards/margins: nan")
+    nan = launch.parse_log_line("- loss: nan, learning_rate: 5e-05, global_step: 41, rewards/margins: nan")
     assert nan["global_step"] == 41 and math.isnan(nan["loss"]) and math.isnan(nan["rewards/margins"])
 
 
@@ -69,9 +70,23 @@ def test_lora_alpha_is_not_passed_the_engine_ignores_it():
     assert "lora_alpha" not in cfg and cfg["lora_rank"] == 8  # (-S train.lora_alpha=... fails: tests/test_docs.py)
 
 
-def test_local_inference_runs_on_the_first_listed_device():
-    assert engine.inference_device("gpu", "2,3") == "gpu:2" and engine.inference_device("gpu", "0") == "gpu:0"
-    assert engine.inference_device("cpu", "0") == "cpu"
+def test_which_gpus_come_from_cuda_visible_devices_not_from_a_parameter():
+    """(31.2) A 4-GPU node where this experiment was given GPUs 2 and 3 (`CUDA_VISIBLE_DEVICES=2,3`, as a Slurm
+    allocation or `ernie-dpo series --gpus` sets it): Paddle's launcher names GPUs by CUDA_VISIBLE_DEVICES' entries
+    (context/device.py: `--gpus 0,1` there is "ValueError: '0' is not in list") and gives each worker its index
+    among them; inference and the merge use the first visible GPU, gpu:0."""
+    env = {"CUDA_VISIBLE_DEVICES": "2,3"}
+    cmd = launch.launch_command("train", "x.yaml", "gpu", gpus=2, env=env)
+    assert cmd[cmd.index("--gpus") + 1] == "2,3"
+    one = launch.launch_command("train", "x.yaml", "gpu", gpus=1, env=env)
+    assert one[one.index("--gpus") + 1] == "2"
+    uuids = {"CUDA_VISIBLE_DEVICES": "GPU-8f1c,GPU-77aa"}  # UUIDs are valid entries too
+    by_uuid = launch.launch_command("train", "x", "gpu", gpus=2, env=uuids)
+    assert by_uuid[by_uuid.index("--gpus") + 1] == "GPU-8f1c,GPU-77aa"
+    with pytest.raises(devices.DeviceError, match="names 2 GPU"):
+        launch.launch_command("train", "x.yaml", "gpu", gpus=4, env=env)
+    assert devices.visible_gpus(env) == ["2", "3"] and devices.visible_gpus({}) is None
+    assert devices.inference_device("gpu") == "gpu:0" and devices.inference_device("cpu") == "cpu"
 
 
 def test_the_cheaper_cpu_layers_train_to_the_same_losses(tiny_base, sample_records, tmp_path):
@@ -89,7 +104,7 @@ def test_the_cheaper_cpu_layers_train_to_the_same_losses(tiny_base, sample_recor
         cfg = engine.dpo_config(tiny_base, tmp_path / "pairs.jsonl", tmp_path / f"out{fast}", "cpu",
                                 {**TRAIN, "max_steps": 10, "fine_tuning": "full", "learning_rate": 1e-3})
         steps = []
-        engine.run(engine.launch_command("train", engine.write_config(cfg, tmp_path / f"dpo{fast}.yaml"), "cpu"),
+        launch.run(launch.launch_command("train", engine.write_config(cfg, tmp_path / f"dpo{fast}.yaml"), "cpu"),
                    tmp_path / f"engine{fast}.log", steps.append, env={"ERNIE_DPO_FAST_CPU": fast})
         losses[fast] = [s["loss"] for s in steps]
     assert len(losses["1"]) == 10 and losses["1"][-1] != losses["1"][0]  # it trained
@@ -98,7 +113,7 @@ def test_the_cheaper_cpu_layers_train_to_the_same_losses(tiny_base, sample_recor
 
 def test_each_pair_is_yielded_once_per_pass_and_a_held_out_pass_is_counted(capsys):
     """PaddleFormers 1.2's DPO dataset yields the last pair of a pass twice (its loop yields every pair, then
-    `if len(batch_sequence) > 0: yield batch_sequence` yields the last list again). engine._each_pair_once removes
+    `if len(batch_sequence) > 0: yield batch_sequence` yields the last list again). engine_main._each_pair_once removes
     the repeat and prints how many pairs a held-out pass yielded (the train stage checks it against the file)."""
     from types import SimpleNamespace
 
@@ -106,12 +121,12 @@ def test_each_pair_is_yielded_once_per_pass_and_a_held_out_pass_is_counted(capsy
 
     fake = SimpleNamespace(packing=False, is_valid=True, mix_datasets=[{"n": i} for i in range(5)],
                            _postprocess_sequence=lambda ex: SimpleNamespace(token_ids=[1, 2, 3], n=ex["n"]))
-    engine._each_pair_once()
+    engine_main._each_pair_once()
     ours = BaseDPODataSet._generate_sequences
     upstream = [b[0].n for b in ours.original(fake)]
     assert upstream == [0, 1, 2, 3, 4, 4]  # the engine's own: the day this fails, the engine was fixed upstream
     assert [b[0].n for b in ours(fake)] == [0, 1, 2, 3, 4]
-    assert engine.EVAL_PASS_MARK + '{"pairs": 5}' in capsys.readouterr().out
+    assert engine_main.EVAL_PASS_MARK + '{"pairs": 5}' in capsys.readouterr().out
 
 
 def test_a_run_is_stopped_for_longer_replies_only_when_the_probe_can_tell():

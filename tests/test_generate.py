@@ -138,3 +138,27 @@ def test_the_inference_only_layers_give_the_engines_numbers(lm, tests):
         fast_logits = lm.model(input_ids=ids)
     get = lambda out: (out[0] if isinstance(out, tuple) else out.logits).numpy()  # noqa: E731
     np.testing.assert_allclose(get(fast_logits), get(engine_logits), rtol=1e-4, atol=1e-4)
+
+
+def test_a_long_prompt_prefills_within_the_mask_budget_with_the_same_logits(lm, monkeypatch):
+    """(31.5) Prefill attends in query blocks; their expanded masks are kept across layers only within
+    MASK_CACHE_BYTES, so a long prompt holds one block at a time past it (memory linear, not quadratic, in the
+    prompt length) -- with exactly the logits of the cached path."""
+    import paddle
+
+    ids = [(7 * k) % 500 + 3 for k in range(300)]  # 300 tokens: 5 query blocks of 64 below
+
+    def last_logits():
+        decode._MASK.clear()
+        with paddle.no_grad():
+            out = lm.model(input_ids=paddle.to_tensor([ids]),
+                           attention_mask=paddle.ones([1, len(ids)], dtype="int64"))
+        return (out[0] if isinstance(out, tuple) else out.logits)[0, -1].numpy(), dict(decode._MASK)
+
+    monkeypatch.setattr(decode, "QUERY_BLOCK", 64)
+    cached, kept = last_logits()
+    assert len([k for k in kept if isinstance(k, tuple)]) == 5  # every block kept: within the default budget
+    monkeypatch.setattr(decode, "MASK_CACHE_BYTES", 1)
+    bounded, kept = last_logits()
+    assert [k for k in kept if isinstance(k, tuple)] == [] and kept["bytes"] == 0  # none held past the budget
+    assert np.array_equal(cached, bounded)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from ernie_dpo import engine
+from ernie_dpo import devices, engine, launch, weights
 from ernie_dpo.common import write_jsonl
 
 TRAIN = dict(max_steps=1, warmup_steps=0, global_batch_size=4, learning_rate=1e-4, fine_tuning="full",
@@ -23,7 +23,7 @@ def dpo_steps(model, pairs, out, extra=None, env=None, **p):
     cfg = engine.dpo_config(model, pairs, out, "cpu", {**TRAIN, **p})
     cfg.update(extra or {})
     steps = []
-    engine.run(engine.launch_command("train", engine.write_config(cfg, out.parent / f"{out.name}.yaml"), "cpu"),
+    launch.run(launch.launch_command("train", engine.write_config(cfg, out.parent / f"{out.name}.yaml"), "cpu"),
                out.parent / f"{out.name}.log", steps.append, env=env)
     return steps
 
@@ -90,12 +90,12 @@ def test_a_stopped_stage_leaves_no_worker_behind(tmp_path):
     script.write_text(LAUNCHER)
     code = textwrap.dedent(f"""
         import sys, threading, os, signal, time
-        from ernie_dpo import engine
+        from ernie_dpo import launch
         def on_line():
             pass
         threading.Timer(3, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
         try:
-            engine.run([sys.executable, {str(script)!r}], {str(tmp_path / 'engine.log')!r})
+            launch.run([sys.executable, {str(script)!r}], {str(tmp_path / 'engine.log')!r})
         except KeyboardInterrupt:
             print("stopped", flush=True)
     """)
@@ -112,10 +112,10 @@ def test_the_launch_environment_is_the_engine_clis(monkeypatch):
     monkeypatch.setenv("PADDLE_TRAINER_ENDPOINTS", "10.0.0.9:6170")
     monkeypatch.setenv("PADDLE_TRAINERS_NUM", "8")
     monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "1")  # a value the user set wins
-    env = engine.launch_env()
+    env = launch.launch_env()
     assert "PADDLE_TRAINER_ENDPOINTS" not in env and "PADDLE_TRAINERS_NUM" not in env
     assert env["FLAGS_set_to_1d"] == "False" and env["FLAGS_dataloader_use_file_descriptor"] == "False"
-    assert env["NVIDIA_TF32_OVERRIDE"] == "1" and len(env[engine.RUN_MARK]) == 32
+    assert env["NVIDIA_TF32_OVERRIDE"] == "1" and len(env[launch.RUN_MARK]) == 32
 
 
 def test_gpu_settings_match_erniekits_mixed_precision():
@@ -139,11 +139,11 @@ def test_gpus_before_ampere_get_settings_they_can_run(capability, expected):
 
 
 def test_a_worker_dies_with_its_launcher(tmp_path):
-    """(4) A worker of paddle.distributed.launch gets SIGKILL when the launcher dies (engine._engine_main)."""
+    """(4) A worker of paddle.distributed.launch gets SIGKILL when the launcher dies (engine_main._engine_main)."""
     code = textwrap.dedent("""
         import os, subprocess, sys, time
-        child = ("import os, time; os.setsid(); from ernie_dpo import engine; import signal; "
-                 "engine._die_with_parent(signal.SIGKILL); time.sleep(600)")
+        child = ("import os, time; os.setsid(); from ernie_dpo import launch; import signal; "
+                 "launch._die_with_parent(signal.SIGKILL); time.sleep(600)")
         p = subprocess.Popen([sys.executable, "-c", child])
         print(p.pid, flush=True)
         time.sleep(2)
@@ -242,6 +242,10 @@ def test_the_gpu_smoke_script_runs_its_whole_path_on_a_cpu():
     for line in ("train (lora, 5 DPO steps)", "train (full, 5 DPO steps)", "infer_tuned (full, local)"):
         assert line in r.stdout
     assert "float32" in r.stdout  # the CPU settings the engine used, reported per training run
+    merge = next(line for line in r.stdout.splitlines() if line.startswith("merge (lora)"))
+    assert "merged (float32) vs base + adapter: max |logit diff|" in merge  # checked, not only claimed
+    probes = next(line for line in r.stdout.splitlines() if line.startswith("  length probes (lora)"))
+    assert "0 failed; step 0 median" in probes
 
 
 def test_a_worker_node_rebuilds_node_0s_engine_inputs_byte_for_byte(tiny_repo, tmp_path):
@@ -296,10 +300,10 @@ def paddle_layout_copy(tiny_base, dest):
 def test_a_checkpoint_in_the_paddle_layout_is_refused_naming_the_pt_repository(tiny_base, tmp_path):
     """Defect 1: PaddleFormers 1.2 loads ERNIE 4.5 only in the Hugging Face layout (-PT); the -Paddle layout failed
     deep in loading with "model.embed_tokens.weight should be assigned before!". It is refused at once, with the fix."""
-    engine.check_layout(tiny_base, "baidu/ERNIE-4.5-0.3B-PT")  # the Hugging Face layout passes
+    weights.check_layout(tiny_base, "baidu/ERNIE-4.5-0.3B-PT")  # the Hugging Face layout passes
     bad = paddle_layout_copy(tiny_base, tmp_path / "ERNIE-4.5-0.3B-Paddle")
-    with pytest.raises(engine.LayoutError) as e:
-        engine.check_layout(bad, "baidu/ERNIE-4.5-0.3B-Paddle")
+    with pytest.raises(weights.LayoutError) as e:
+        weights.check_layout(bad, "baidu/ERNIE-4.5-0.3B-Paddle")
     assert "baidu/ERNIE-4.5-0.3B-PT" in str(e.value) and "'ernie." in str(e.value)
 
 
@@ -352,22 +356,22 @@ def test_no_secret_reaches_the_launchers_files_a_dvc_output_or_the_cache(tmp_pat
     for k, v in CANARY.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(tmp_path)
-    cmd = engine.launch_command("train", "logs/train/dpo.yaml", "gpu", "0", 1)
+    cmd = launch.launch_command("train", "logs/train/dpo.yaml", "gpu", "0", 1)
     log_dir = cmd[cmd.index("--log_dir") + 1]
-    assert not log_dir.startswith("logs/train") and log_dir.startswith(str(engine.LAUNCHER_LOGS))
+    assert not log_dir.startswith("logs/train") and log_dir.startswith(str(launch.LAUNCHER_LOGS))
     outs = [o if isinstance(o, str) else next(iter(o)) for st in
             yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()
             for o in st.get("outs", [])]
     assert not any(log_dir == o or log_dir.startswith(o.rstrip("/") + "/") for o in outs), outs
     (tmp_path / "launch.py").write_text(STAND_IN_LAUNCHER)
     standin = [sys.executable, str(tmp_path / "launch.py")] + cmd[cmd.index("-m") + 2:]
-    engine.run(standin, "logs/train/engine.log")
+    launch.run(standin, "logs/train/engine.log")
     written = [f for f in tmp_path.rglob("*") if f.is_file() and f.name != "launch.py"]
     assert {f.name for f in written} >= {"backup_env.0.json", "envlog.0", "engine.log"}
     assert "PATH" in (tmp_path / log_dir / "backup_env.0.json").read_text()  # the stand-in did write the environment
     leaks = [(f.name, k) for f in written for k, v in CANARY.items() if v in f.read_text(errors="replace")]
     assert leaks == []
-    assert engine.without_secrets({"HF_TOKEN": "x", "PATH": "/bin", "OPENAI_API_KEY": "y", "KAGGLE_KEY": "k",
+    assert launch.without_secrets({"HF_TOKEN": "x", "PATH": "/bin", "OPENAI_API_KEY": "y", "KAGGLE_KEY": "k",
                                    "AZURE_STORAGE_CONNECTION_STRING": "c", "QIANFAN_SK": "s", "GITHUB_PAT": "p",
                                    "TOKENIZERS_PARALLELISM": "false", "FLAGS_use_mkldnn": "1",
                                    "HTTPS_PROXY": "http://me:pw@proxy:3128"}) == {
@@ -389,17 +393,20 @@ def test_a_failing_length_probe_is_reported_and_training_goes_on(tiny_base, pair
 
 
 def test_the_capability_check_looks_at_every_gpu_trained_on(monkeypatch):
-    """(31.5) A node with an A100 as GPU 0 and a T4 as GPU 3: training on "0,3" must get the settings the T4 can run
-    (float32, SDPA), not the first GPU's bf16 and FlashMask."""
+    """(31.5) An A100 and a T4 visible to one experiment (CUDA_VISIBLE_DEVICES=0,3: Paddle then counts them as 0
+    and 1): training on both must get the settings the T4 can run (float32, SDPA), not the first GPU's bf16 and
+    FlashMask; training on the first only gets bf16."""
     import paddle
 
-    caps = {0: (8, 0), 1: (8, 0), 2: (8, 6), 3: (7, 5)}
+    caps = {0: (8, 0), 1: (7, 5)}
     monkeypatch.setattr(paddle, "is_compiled_with_cuda", lambda: True)
-    monkeypatch.setattr(paddle.device.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(paddle.device.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(paddle.device.cuda, "get_device_capability", lambda i=0: caps[i])
-    assert engine.gpu_capability("0,1") == (8, 0) and engine.gpu_capability("0,3") == (7, 5)
-    assert engine.device_settings("gpu", devices="0,3")["compute_type"] == "float32"
-    assert engine.device_settings("gpu", devices="2")["compute_type"] == "bf16"
-    cfg = engine.dpo_config("m", "t", "o", "gpu", TRAIN, {"devices": "0,3", "nnodes": 1, "tensor_parallel": 1,
+    assert devices.gpu_capability(1) == (8, 0) and devices.gpu_capability(2) == (7, 5)
+    assert engine.device_settings("gpu", gpus=2)["compute_type"] == "float32"
+    assert engine.device_settings("gpu", gpus=1)["compute_type"] == "bf16"
+    with pytest.raises(devices.DeviceError, match="engine.gpus is 3 but this process sees 2"):
+        devices.check_device("gpu", 3)
+    cfg = engine.dpo_config("m", "t", "o", "gpu", TRAIN, {"gpus": 2, "nnodes": 1, "tensor_parallel": 1,
                                                           "sharding_parallel": 1, "sharding_stage": "stage1"})
     assert cfg["_attn_implementation"] == "sdpa"

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ernie_dpo import engine, tokens
+from ernie_dpo import engine, launch, tokens, weights
 from ernie_dpo.common import read_jsonl, write_jsonl
 from ernie_dpo.data import to_messages
 from ernie_dpo.generate import generate_all
@@ -31,7 +31,7 @@ def test_lora_dpo_logs_every_step_and_writes_an_adapter(tiny_base, dpo_data, tmp
     out = tmp_path / "train"
     cfg_path = engine.write_config(engine.dpo_config(tiny_base, dpo_data, out, "cpu", TRAIN), tmp_path / "dpo.yaml")
     steps = []
-    engine.run(engine.launch_command("train", cfg_path, "cpu"), tmp_path / "engine.log", steps.append)
+    launch.run(launch.launch_command("train", cfg_path, "cpu"), tmp_path / "engine.log", steps.append)
     assert [s["global_step"] for s in steps] == [1, 2, 3]
     for key in ("loss", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected"):
@@ -47,8 +47,8 @@ def test_merge_gives_the_same_logits_as_base_plus_adapter(tiny_base, dpo_data, t
 
     out = tmp_path / "train"
     cfg = engine.dpo_config(tiny_base, dpo_data, out, "cpu", {**TRAIN, "max_steps": 2, "learning_rate": 5e-3})
-    engine.run(engine.launch_command("train", engine.write_config(cfg, tmp_path / "d.yaml"), "cpu"), tmp_path / "log")
-    engine.merge_lora(tiny_base, out, tmp_path / "merged", "cpu")
+    launch.run(launch.launch_command("train", engine.write_config(cfg, tmp_path / "d.yaml"), "cpu"), tmp_path / "log")
+    weights.merge_lora(tiny_base, out, tmp_path / "merged", "cpu")
 
     x = paddle.to_tensor([[5, 20, 30, 40, 50, 60, 70]])
 
@@ -66,12 +66,61 @@ def test_merge_gives_the_same_logits_as_base_plus_adapter(tiny_base, dpo_data, t
     assert (tmp_path / "merged" / "tokenizer_config.json").exists()
 
 
+def test_a_bf16_adapter_merges_in_float32_and_saves_in_the_servers_dtype(tiny_base, dpo_data, tmp_path):
+    """After a GPU (O2) run the adapter's factors are bfloat16 while the merge loads the base in float32: the sum is
+    formed in float32 (logits equal to base + the bf16 adapter's), and a bfloat16 save is what its config says."""
+    import json
+
+    import paddle
+    from paddleformers.peft import LoRAModel
+    from paddleformers.transformers import AutoModelForCausalLM
+    from safetensors import safe_open
+    from safetensors.paddle import load_file, save_file
+
+    out = tmp_path / "train"
+    cfg = engine.dpo_config(tiny_base, dpo_data, out, "cpu", {**TRAIN, "max_steps": 2, "learning_rate": 5e-3})
+    launch.run(launch.launch_command("train", engine.write_config(cfg, tmp_path / "d.yaml"), "cpu"), tmp_path / "log")
+    for f in out.glob("peft_model*.safetensors"):  # the adapter as an O2 run writes it: bf16 factors
+        save_file({k: v.astype("bfloat16") for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "np"})
+    with safe_open(str(next(out.glob("peft_model*.safetensors"))), "np") as f:
+        assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
+
+    x = paddle.to_tensor([[5, 20, 30, 40, 50, 60, 70]])
+
+    def logits(model):
+        model.eval()
+        with paddle.no_grad():
+            o = model(input_ids=x)
+        return (o[0] if isinstance(o, tuple) else o.logits).astype("float32").numpy()
+
+    (tmp_path / "f32").mkdir()
+    adapter = logits(LoRAModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype="float32"),
+                                               str(weights.float32_copy(out, tmp_path / "f32"))))
+    plain = logits(AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype="float32"))
+    weights.merge_lora(tiny_base, out, tmp_path / "m32", "cpu")
+    merged = logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "m32"), dtype="float32"))
+    assert np.abs(merged - adapter).max() < 1e-4 and np.abs(merged - plain).max() > 1e-3
+
+    weights.merge_lora(tiny_base, out, tmp_path / "m16", "cpu", save_dtype="bfloat16")
+    config = json.loads((tmp_path / "m16" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    with safe_open(str(next((tmp_path / "m16").glob("*.safetensors"))), "np") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    m16 = logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "m16"), dtype="float32"))
+    # bf16 weights: each within half a bf16 step of the float32 sum, so the logits agree to bf16 precision
+    assert np.abs(m16 - merged).max() < 0.05 * max(1.0, np.abs(merged).max())
+    # why merge_lora loads a float32 copy: the engine refuses bf16 factors for a float32 model (last: a failed load
+    # leaves the engine's loader unusable in this process)
+    with pytest.raises(AssertionError, match="different types"):
+        LoRAModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype="float32"), str(out))
+
+
 def test_full_dpo_runs_in_one_cpu_process(tiny_base, dpo_data, tmp_path):
     out = tmp_path / "full"
     cfg = engine.dpo_config(tiny_base, dpo_data, out, "cpu", {**TRAIN, "fine_tuning": "full", "max_steps": 2,
                                                           "learning_rate": 1e-5})
     steps = []
-    engine.run(engine.launch_command("train", engine.write_config(cfg, tmp_path / "f.yaml"), "cpu"), tmp_path / "l",
+    launch.run(launch.launch_command("train", engine.write_config(cfg, tmp_path / "f.yaml"), "cpu"), tmp_path / "l",
                steps.append)
     assert [s["global_step"] for s in steps] == [1, 2] and list(out.glob("model*.safetensors"))
 
@@ -80,7 +129,7 @@ def test_engine_failure_raises_with_the_log_tail(tmp_path):
     cfg = engine.write_config({"stage": "DPO", "model_name_or_path": str(tmp_path / "no-such-model"), "device": "cpu"},
                               tmp_path / "bad.yaml")
     with pytest.raises(RuntimeError, match="engine command failed"):
-        engine.run(engine.launch_command("train", cfg, "cpu"), tmp_path / "bad.log")
+        launch.run(launch.launch_command("train", cfg, "cpu"), tmp_path / "bad.log")
 
 
 def test_generation_resumes_after_an_interruption(tiny_base, sample_records, tmp_path):
@@ -125,9 +174,9 @@ def test_the_length_count_agrees_with_what_the_engine_skips(tiny_base, sample_re
         cfg = engine.dpo_config(tiny_base, tmp_path / f"{name}.jsonl", tmp_path / name, "cpu",
                                 {**TRAIN, "max_steps": 2, "global_batch_size": 4, "max_seq_len": 256,
                                  "max_prompt_len": 128})
-        engine.run(engine.launch_command("train", engine.write_config(cfg, tmp_path / f"{name}.yaml"), "cpu"),
+        launch.run(launch.launch_command("train", engine.write_config(cfg, tmp_path / f"{name}.yaml"), "cpu"),
                    tmp_path / f"{name}.log")
-        return engine.engine_skips((tmp_path / f"{name}.log").read_text())
+        return launch.engine_skips((tmp_path / f"{name}.log").read_text())
 
     assert skips(pairs, "unfiltered") >= 1  # the engine drops them, logging only the first few
     assert skips(kept, "filtered") == 0

@@ -36,7 +36,7 @@ def test_the_committed_params_and_every_profile_are_valid(tmp_path):
     ("train.fine_tuning", "qlora", "train.fine_tuning: 'qlora' must be one of lora, full"),
     ("trainset.min_ratio", "two", "trainset.min_ratio: 'two' must be a number > 0"),
     ("infer.top_p", 1.5, "infer.top_p: 1.5 must be a number > 0 and <= 1"),
-    ("engine.devices", "0,a", "engine.devices: '0,a' must be a string of GPU ids"),
+    ("engine.gpus", 0, "engine.gpus: 0 must be an integer >= 1"),
     ("train.truncate", "yes", "train.truncate: 'yes' must be true or false"),
     ("train.max_prompt_len", 4096, "train.max_prompt_len (4096) must be smaller than train.max_seq_len"),
 ])

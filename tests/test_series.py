@@ -139,34 +139,18 @@ def test_report_refuses_experiments_with_different_baselines():
         table(rows, ["exp2", "exp4"])
 
 
-# ------------------------------------------------------------------------------ one experiment per GPU (issue 19)
+# ------------------------------------------------------------------------------ one queue worker per GPU (issue 31)
 
 ERNIE_DPO = str(Path(sys.executable).parent / "ernie-dpo")
-RECIPE_COUNTS = {"near_baseline": 103, "ratio_1.2": 210, "ratio_2": 110}
 
 
-def test_gpus_become_device_groups_and_waves_never_share_a_group():
+def test_gpus_become_device_groups():
     assert series.device_groups("0,1,2,3") == ["0", "1", "2", "3"]
     assert series.device_groups("4, 5,6,7", per_experiment=2) == ["4,5", "6,7"]
+    assert series.device_groups("GPU-8f1c,GPU-77aa") == ["GPU-8f1c", "GPU-77aa"]
     for bad in ("0,0", "a,b", "", "0,1,2"):
         with pytest.raises(ValueError):
             series.device_groups(bad, per_experiment=2 if bad == "0,1,2" else 1)
-    w = series.waves(["exp1", "exp2", "exp3", "exp4", "exp5"], ["0", "1"])
-    assert w == [[("exp1", "0"), ("exp2", "1")], [("exp3", "0"), ("exp4", "1")], [("exp5", "0")]]
-    assert all(len({d for _, d in wave}) == len(wave) for wave in w)  # within a wave, one experiment per group
-
-
-def test_per_gpu_plan_differs_from_the_one_by_one_plan_only_in_engine_devices():
-    experiments = plan(RECIPE_COUNTS, global_batch_size=8, warmup_steps=4)
-    one_by_one = series.queue_plan(experiments, "demo")
-    per_gpu = series.queue_plan(experiments, "demo", groups=["0", "1", "2"])
-    assert [run for _, run in one_by_one] == [["exp", "run", "--run-all", "-j", "1"]]
-    assert [run for _, run in per_gpu] == [["exp", "run", "--run-all", "-j", "3"],
-                                           ["exp", "run", "--run-all", "-j", "1"]]
-    queued = [cmd for queue, _ in per_gpu for cmd in queue]
-    assert [cmd[-2:] for cmd in queued] == [["-S", 'engine.devices="0"'], ["-S", 'engine.devices="1"'],
-                                            ["-S", 'engine.devices="2"'], ["-S", 'engine.devices="0"']]
-    assert [cmd[:-2] for cmd in queued] == one_by_one[0][0]  # same names, same overrides, same order
 
 
 def git_commit_all(root):
@@ -175,7 +159,7 @@ def git_commit_all(root):
         subprocess.run(["git", *args], cwd=root, env=env, check=True, capture_output=True)
 
 
-def test_series_gpus_dry_run_prints_waves_whose_commands_parse_and_compose(run_stage, tmp_path):
+def test_series_gpus_dry_run_prints_commands_that_parse_and_compose_without_a_gpu_id(run_stage, tmp_path):
     from dvc.cli import parse_args
     from dvc.utils.hydra import compose_and_dump
 
@@ -193,45 +177,58 @@ def test_series_gpus_dry_run_prints_waves_whose_commands_parse_and_compose(run_s
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert [line for line in lines if line.startswith("#")] == [
-        "# wave 1 of 2: exp1 on GPU 0, exp2 on GPU 1, exp3 on GPU 2", "# wave 2 of 2: exp4 on GPU 0"]
-    assert [line for line in lines if "--run-all" in line] == ["dvc exp run --run-all -j 3",
-                                                                "dvc exp run --run-all -j 1"]
+        "# queue worker 1: CUDA_VISIBLE_DEVICES=0", "# queue worker 2: CUDA_VISIBLE_DEVICES=1",
+        "# queue worker 3: CUDA_VISIBLE_DEVICES=2"]
     queued = [shlex.split(line) for line in lines if line.startswith("dvc exp run --queue")]
     assert [q[q.index("-n") + 1] for q in queued] == ["exp1", "exp2", "exp3", "exp4"]
-    for argv, devices in zip(queued, ["0", "1", "2", "0"]):
+    for argv in queued:
         parse_args(argv[1:])  # DVC's own parser
         sets = [argv[i + 1] for i, a in enumerate(argv) if a == "-S"]
+        assert not any("CUDA" in s or "devices" in s for s in sets)  # which GPU is no parameter
         out = tmp_path / f"{argv[argv.index('-n') + 1]}.yaml"
         compose_and_dump(out, str(run_stage.root / "conf"), None, "config", str(run_stage.root), sets)
         composed = yaml.safe_load(out.read_text())
-        assert composed["engine"]["devices"] == devices  # a string, as params.py requires
+        assert composed["engine"]["gpus"] == 1 and "devices" not in composed["engine"]
         assert composed["train"]["global_batch_size"] == 3
         for key in ("baseline_tolerance", "eval_pairs", "seed"):
             assert composed["trainset"][key] == params["trainset"][key]
+    only = subprocess.run([ERNIE_DPO, "series", "--only", "exp3", "--dry"], cwd=run_stage.root, env=venv_env(),
+                          capture_output=True, text=True)
+    assert only.returncode == 0, only.stderr
+    assert [shlex.split(x)[shlex.split(x).index("-n") + 1] for x in only.stdout.splitlines()
+            if x.startswith("dvc exp run --queue")] == ["exp3"]
+    assert only.stdout.count("# queue worker") == 1
     bad = subprocess.run([ERNIE_DPO, "series", "--gpus", "0,1", "--jobs", "3", "--dry"], cwd=run_stage.root,
                          env=venv_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "--gpus already runs one experiment per group" in bad.stderr
+    bad = subprocess.run([ERNIE_DPO, "series", "--only", "exp9", "--dry"], cwd=run_stage.root, env=venv_env(),
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown experiment(s) exp9" in bad.stderr
 
 
-TOY_STAGE = '''import json, os, time, yaml
+TOY_STAGE = """import json, os, sys, time, yaml
 p = yaml.safe_load(open("params.yaml"))
 start = time.time()
 time.sleep(p["exp"]["seconds"])
-json.dump({"run": {"start": start, "end": time.time(), "pid": os.getpid()}}, open("run.json", "w"))
-'''
+if p["exp"]["fail"]:
+    sys.exit("toy stage: failing on purpose")
+json.dump({"run": {"start": start, "end": time.time(), "pid": os.getpid(),
+                   "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}}, open("run.json", "w"))
+"""
 
 
 @pytest.fixture
 def toy_repo(tmp_path, monkeypatch):
-    """A tiny Hydra-composed DVC project whose one stage sleeps and records when it ran: the real queue, in seconds."""
+    """A tiny Hydra-composed DVC project whose one stage sleeps and records when and on which GPU it ran: the real
+    queue, in seconds."""
     root = tmp_path / "toy"
     (root / "conf/profile").mkdir(parents=True)
-    (root / "conf/config.yaml").write_text('defaults:\n  - _self_\n  - profile: demo\nengine:\n  devices: "0"\n'
-                                           'exp:\n  seconds: 0\n  id: 0\n')
+    (root / "conf/config.yaml").write_text("defaults:\n  - _self_\n  - profile: demo\nengine:\n  gpus: 1\n"
+                                           "exp:\n  seconds: 0\n  id: 0\n  fail: 0\n")
     (root / "conf/profile/demo.yaml").write_text("# @package _global_\nprofile_name: demo\n")
     (root / "stage.py").write_text(TOY_STAGE)
     (root / "dvc.yaml").write_text("stages:\n  work:\n    cmd: python stage.py\n    deps: [stage.py]\n"
-                                   "    params: [engine.devices, exp.seconds, exp.id]\n"
+                                   "    params: [engine.gpus, exp.seconds, exp.id, exp.fail]\n"
                                    "    metrics: [{run.json: {cache: false}}]\n")
     env = venv_env()
     subprocess.run(["git", "init", "-q"], cwd=root, env=env, check=True)
@@ -239,30 +236,62 @@ def toy_repo(tmp_path, monkeypatch):
         subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, check=True, capture_output=True)
     git_commit_all(root)
     monkeypatch.chdir(root)  # series runs dvc in the current folder, as `ernie-dpo series` does
-    monkeypatch.setenv("PATH", env["PATH"])  # `python` in the stage command: this environment's
+    monkeypatch.setenv("PATH", env["PATH"])  # `dvc` and `python` of the workers: this environment's
     return root
 
 
-def test_a_real_dvc_queue_runs_each_wave_at_once_and_never_two_experiments_on_one_gpu(toy_repo):
-    # distinct ids: with equal params DVC would restore e3 from e1's run in its run cache instead of running it
-    experiments = {f"e{k}": {"exp.seconds": 5, "exp.id": k} for k in (1, 2, 3)}
-    start = time.time()
-    try:
-        series.run_queue(series.queue_plan(experiments, "demo", groups=["0", "1"]))
-    finally:
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "stop"], capture_output=True)
+def shown_runs():
+    """{experiment name: (rev, its run.json)} of the experiments that finished (a failed one has no metrics)."""
     shown = json.loads(subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True,
                                       text=True, check=True).stdout)
-    runs = {}
-    for rev in (r for c in shown for e in (c.get("experiments") or []) for r in e["revs"]):
-        data = rev["data"]
-        runs[rev["name"]] = {"devices": data["params"]["params.yaml"]["data"]["engine"]["devices"],
-                             **data["metrics"]["run.json"]["data"]["run"]}
-    assert {n: r["devices"] for n, r in runs.items()} == {"e1": "0", "e2": "1", "e3": "0"}
-    e1, e2, e3 = runs["e1"], runs["e2"], runs["e3"]
-    assert e1["start"] < e2["end"] and e2["start"] < e1["end"], runs  # wave 1: both at once
-    assert e3["start"] > max(e1["end"], e2["end"]), runs  # wave 2 only after wave 1: GPU 0 never shared
-    print(f"3 toy experiments in 2 waves: {time.time() - start:.0f} s")
+    out = {}
+    for r in (r for c in shown for e in (c.get("experiments") or []) for r in e["revs"]):
+        run = (((r.get("data") or {}).get("metrics") or {}).get("run.json") or {}).get("data", {}).get("run")
+        if run:
+            out[r["name"]] = (r["rev"], run)
+    return out
+
+
+def test_a_queue_worker_per_gpu_keeps_every_gpu_busy_reports_a_failure_at_once_and_reruns_one(toy_repo):
+    """(31.2, 31.3) Two GPU workers and four experiments: e1 is long, e2 fails at once, e3 and e4 are short. Each
+    runs under its worker's CUDA_VISIBLE_DEVICES, never two on one GPU at a time; e3 starts as soon as GPU 1 is free
+    (no waves: e1 is still running); e2's failure is reported while e1 still runs; rerunning e2 alone keeps the
+    others; and e1's twin queued on the OTHER GPU is one cache entry with e1 (restored, not rerun)."""
+    experiments = {"e1": {"exp.seconds": 12, "exp.id": 1}, "e2": {"exp.seconds": 0, "exp.id": 2, "exp.fail": 1},
+                   "e3": {"exp.seconds": 2, "exp.id": 3}, "e4": {"exp.seconds": 2, "exp.id": 4}}
+    start = time.time()
+    try:
+        ended = series.run_local(experiments, "demo", ["0", "1"], poll_s=1)
+    finally:
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "stop"], capture_output=True)
+    assert {n: e["status"] for n, e in ended.items()} == {"e1": "success", "e2": "failed", "e3": "success",
+                                                          "e4": "success"}
+    runs = {n: r for n, (_, r) in shown_runs().items()}
+    assert set(runs) == {"e1", "e3", "e4"} and {r["gpu"] for r in runs.values()} == {"0", "1"}
+    for a in runs:
+        for b in runs:
+            if a < b and runs[a]["gpu"] == runs[b]["gpu"]:  # one GPU: one experiment at a time
+                assert runs[a]["end"] <= runs[b]["start"] or runs[b]["end"] <= runs[a]["start"], runs
+    e1 = runs["e1"]
+    other = next(r for n, r in runs.items() if n != "e1" and r["gpu"] != e1["gpu"])
+    assert other["start"] < e1["end"]  # the other GPU kept working while e1 ran: no waves
+    assert ended["e2"]["at"] < e1["end"]  # the failure was reported while e1 still ran
+    first_revs = {n: rev for n, (rev, _) in shown_runs().items()}
+
+    # --only: e2 alone, fixed; the others stay as they were
+    subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", "e2"], capture_output=True)
+    again = series.run_local({"e2": {"exp.seconds": 0, "exp.id": 2, "exp.fail": 0}}, "demo", ["1"], poll_s=1)
+    assert again["e2"]["status"] == "success"
+    after = shown_runs()
+    assert {n: after[n][0] for n in ("e1", "e3", "e4")} == {n: first_revs[n] for n in ("e1", "e3", "e4")}
+
+    # e1 again, as e5, on the GPU it did NOT run on: same parameters, so DVC restores e1's run (its pid and start
+    # time) from the run cache instead of running it: the GPU is not part of the experiment
+    twin = series.run_local({"e5": experiments["e1"]}, "demo", ["1" if e1["gpu"] == "0" else "0"], poll_s=1)
+    subprocess.run([sys.executable, "-m", "dvc", "queue", "stop"], capture_output=True)
+    assert twin["e5"]["status"] == "success"
+    assert shown_runs()["e5"][1] == e1
+    print(f"toy series: {time.time() - start:.0f} s")
 
 
 @pytest.mark.parametrize("report", ["metrics/report.md", "docs/results/smol_series/report.md"])

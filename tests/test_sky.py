@@ -47,13 +47,16 @@ def validate(tmp_path, *args):
 def test_the_task_file_loads_with_skypilots_own_loader(tmp_path):
     r, task = validate(tmp_path, "sky/experiment.yaml", "EXP_NAME=exp4",
                        "EXP_PARAMS=profile=demo train.warmup_steps=360", "REPO_URL=https://example.org/x/ernie-dpo.git",
-                       "REPO_REF=0123abc", "CKPT_BUCKET=my-ernie-dpo-checkpoints")
+                       "REPO_REF=0123abc", "CKPT_BUCKET=my-ernie-dpo-checkpoints", "CKPT_STORE=gcs")
     assert r.returncode == 0, r.stdout + r.stderr
     assert task["sky"] == "0.14.1" and task["name"] == "ernie-dpo-exp" and task["num_nodes"] == 1
     assert task["accelerators"] == {"A100": 1} and task["use_spot"] is True
     # env values reach the git workdir and the bucket name, as SkyPilot substitutes them at load time
     assert task["workdir"] == {"url": "https://example.org/x/ernie-dpo.git", "ref": "0123abc"}
-    assert task["storage_mounts"] == {"/checkpoints": {"name": "my-ernie-dpo-checkpoints", "mode": "MOUNT_CACHED"}}
+    assert task["storage_mounts"] == {"/checkpoints": {"name": "my-ernie-dpo-checkpoints", "mode": "MOUNT_CACHED",
+                                                       "store": ["GCS"]}}  # pinned: a job on another cloud uses it
+    assert task["secrets"] == ["GIT_TOKEN"]  # a null secret: its value comes from `--secret GIT_TOKEN` at launch
+    assert task["job_recovery"] == {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 1}
     assert task["envs"]["EXP_PARAMS"] == "profile=demo train.warmup_steps=360"
     assert (task["setup"], task["run"]) == (TASK["setup"], TASK["run"])  # what the CPU run below executes
 
@@ -112,8 +115,8 @@ def test_series_launcher_sky_prints_launches_that_skypilot_parses_and_loads(run_
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x", cwd=repo)
     git("init", "-q", "--bare", str(tmp_path / "origin.git"), cwd=tmp_path)
     git("remote", "add", "origin", str(tmp_path / "origin.git"), cwd=repo)
-    r = subprocess.run([ERNIE_DPO, "series", "--launcher", "sky", "--bucket", "my-ckpt", "--dry"], cwd=repo,
-                       env=venv_env(), capture_output=True, text=True)
+    r = subprocess.run([ERNIE_DPO, "series", "--launcher", "sky", "--bucket", "s3://my-ckpt", "--secret",
+                        "AWS_ACCESS_KEY_ID", "--dry"], cwd=repo, env=venv_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     launches = [line for line in r.stdout.splitlines() if not line.startswith("#")]
     assert len(launches) == 4 and "dvc exp pull origin exp1 exp2 exp3 exp4" in r.stdout
@@ -124,6 +127,8 @@ def test_series_launcher_sky_prints_launches_that_skypilot_parses_and_loads(run_
                                                              f"ernie-dpo-{name}"]
         envs = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--env")
         assert envs["EXP_NAME"] == name and envs["REPO_REF"] == head and envs["CKPT_BUCKET"] == "my-ckpt"
+        assert envs["CKPT_STORE"] == "s3" and "STAGES" not in envs
+        assert [argv[i + 1] for i, a in enumerate(argv) if a == "--secret"] == ["GIT_TOKEN", "AWS_ACCESS_KEY_ID"]
         assert envs["REPO_URL"] == str(tmp_path / "origin.git")
         # EXP_PARAMS composes (Hydra, against conf/) to the planned experiment, as `run` will pass it with -S
         out = tmp_path / f"{name}.yaml"
@@ -134,10 +139,15 @@ def test_series_launcher_sky_prints_launches_that_skypilot_parses_and_loads(run_
             section, leaf = key.split(".")
             assert composed[section][leaf] == value, (name, key)
     # SkyPilot's CLI parses the last command and its loader accepts the task with exactly these --env values
-    r, task = validate(tmp_path, "--launch", launches[-1])
+    os.environ.update(GIT_TOKEN="t0ken", AWS_ACCESS_KEY_ID="AKIA")  # `--secret NAME` reads $NAME when parsed
+    try:
+        r, task = validate(tmp_path, "--launch", launches[-1])
+    finally:
+        del os.environ["GIT_TOKEN"], os.environ["AWS_ACCESS_KEY_ID"]
     assert r.returncode == 0, r.stdout + r.stderr
     assert task["name"] == "ernie-dpo-exp4" and task["workdir"] == {"url": str(tmp_path / "origin.git"), "ref": head}
-    r, _ = validate(tmp_path, "--launch", launches[-1].replace("--env CKPT_BUCKET=my-ckpt", ""))
+    r, _ = validate(tmp_path, "--launch", launches[-1].replace("--env CKPT_BUCKET=my-ckpt", "").replace(
+        "--secret GIT_TOKEN --secret AWS_ACCESS_KEY_ID", ""))
     assert r.returncode == 1 and "Environment variable 'CKPT_BUCKET' is None" in r.stdout
 
 
@@ -152,8 +162,8 @@ def test_series_launcher_sky_refuses_what_a_cloud_job_could_not_use(tmp_path):
     git("remote", "add", "origin", str(tmp_path / "origin.git"), cwd=repo)
 
     def launch():
-        r = subprocess.run([ERNIE_DPO, "series", "--launcher", "sky", "--bucket", "b"], cwd=repo, env=venv_env(),
-                           capture_output=True, text=True)
+        r = subprocess.run([ERNIE_DPO, "series", "--launcher", "sky", "--bucket", "s3://b"], cwd=repo,
+                           env=venv_env(), capture_output=True, text=True)
         assert r.returncode == 1, r.stdout + r.stderr
         return r.stderr
 
@@ -295,7 +305,7 @@ def test_a_preempted_node_resumes_from_the_bucket_and_the_experiment_comes_home(
     shown = json.loads(dvc("exp", "show", "--json", cwd=repo))
     revs = {r["name"]: r["data"] for c in shown for e in (c.get("experiments") or []) for r in e["revs"]}
     params = revs["cloud1"]["params"]["params.yaml"]["data"]
-    assert (params["train"]["max_steps"], params["train"]["save_steps"], params["engine"]["devices"]) == (10, 2, "0")
+    assert (params["train"]["max_steps"], params["train"]["save_steps"], params["engine"]["gpus"]) == (10, 2, 1)
     tuned = revs["cloud1"]["metrics"]["metrics/tuned.json"]["data"]["tuned"]
     r = subprocess.run([ERNIE_DPO, "report", "--names", "cloud1"], cwd=repo, env=venv_env(), capture_output=True,
                        text=True)
@@ -306,6 +316,105 @@ def test_a_preempted_node_resumes_from_the_bucket_and_the_experiment_comes_home(
     dvc("pull", cwd=repo)  # its models are on the DVC remote: the worker pushed them
     assert (repo / "models/merged/config.json").is_file()
     print(f"baseline built before; node 1 preempted after {preempted:.0f} s, whole test {time.time() - start:.0f} s")
+
+
+def serve_git(root, token):
+    """A public-style git host on localhost: anyone may clone (git's own smart-HTTP backend, `git http-backend`), a
+    push needs the token (HTTP 401 otherwise, as GitHub answers). Returns (base URL, server)."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.cgi()
+
+        def do_POST(self):
+            self.cgi()
+
+        def cgi(self):
+            path, _, query = self.path.partition("?")
+            user = None
+            auth = self.headers.get("Authorization", "")
+            if auth.startswith("Basic "):
+                name, _, password = base64.b64decode(auth[6:]).decode().partition(":")
+                user = name if token in (name, password) else None
+            if ("git-receive-pack" in path or "service=git-receive-pack" in query) and user is None:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="git"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            env = {"PATH": os.environ["PATH"], "GIT_PROJECT_ROOT": str(root), "GIT_HTTP_EXPORT_ALL": "1",
+                   "PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": self.command,
+                   "CONTENT_TYPE": self.headers.get("Content-Type", ""), "CONTENT_LENGTH": str(len(body)),
+                   "REMOTE_ADDR": "127.0.0.1", **({"REMOTE_USER": user} if user else {})}
+            out = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True).stdout
+            head, _, rest = out.partition(b"\r\n\r\n")
+            status, headers = 200, []
+            for line in head.decode().split("\r\n"):
+                key, _, value = line.partition(": ")
+                if key.lower() == "status":
+                    status = int(value.split()[0])
+                elif key:
+                    headers.append((key, value))
+            self.send_response(status)
+            for key, value in headers:
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(rest)))
+            self.end_headers()
+            self.wfile.write(rest)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
+
+
+def test_the_job_refuses_an_origin_it_could_not_push_to_before_any_work(project):
+    """(31.4) A public repository: the VM clones it anonymously, so its origin has no push credentials, and the
+    final `dvc exp push` would fail after the whole run. The task's own setup stops at its preflight, in seconds,
+    naming GIT_TOKEN, before pulling or computing anything; a wrong token is refused too; the right one passes and
+    becomes origin's URL for the final push."""
+    base, _ = project
+    url, server = serve_git(base, token="s3cret-t0ken")
+    try:
+        mount = base / "public-mount"
+        mount.mkdir()
+        origin = f"{url}/origin.git"
+        workdir, env = node(base, "public", mount, EXP_NAME="pub1", REPO_URL=origin)
+        git("remote", "set-url", "origin", origin, cwd=workdir)  # cloned from the public URL, as SkyPilot does
+        git("fetch", "-q", "origin", cwd=workdir, env=env)  # anyone may read it
+        env.pop("GIT_TOKEN", None)
+        start = time.time()
+        r = subprocess.run(script(workdir, "setup"), cwd=workdir, env=env, capture_output=True, text=True)
+        took = time.time() - start
+        assert r.returncode != 0 and "GIT_TOKEN is not set" in r.stderr, r.stdout + r.stderr
+        assert "refuses a push without credentials" in r.stderr
+        assert not (workdir / "models/base").exists() and not (workdir / "data/prepared/dpo.jsonl").exists()
+        assert took < 60, took
+        wrong = subprocess.run(script(workdir, "setup"), cwd=workdir, env={**env, "GIT_TOKEN": "bad-t0ken-42"},
+                               capture_output=True, text=True)
+        assert wrong.returncode != 0 and "refuses a push with GIT_TOKEN" in wrong.stderr, wrong.stderr
+        assert "bad-t0ken-42" not in wrong.stdout + wrong.stderr  # the token itself is never printed
+        ok = subprocess.run([sys.executable, "-m", "ernie_dpo.cloud", "preflight", "--set-push-url"], cwd=workdir,
+                            env={**env, "GIT_TOKEN": "s3cret-t0ken"}, capture_output=True, text=True)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert git("remote", "get-url", "origin", cwd=workdir) == origin.replace("http://", "http://s3cret-t0ken@")
+        assert cloud_module().with_token("https://github.com/you/ernie-dpo.git", "T") == \
+            "https://T@github.com/you/ernie-dpo.git"
+        print(f"refused in {took:.1f} s")
+    finally:
+        server.shutdown()
+
+
+def cloud_module():
+    from ernie_dpo import cloud
+
+    return cloud
 
 
 STUB = """#!/bin/sh
@@ -335,7 +444,7 @@ def test_run_maps_skypilots_nodes_and_gpus_to_the_engine(rank, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     sets = ["-S", "train.save_steps=100", "-S", "profile=cookbook", "-S", "train.max_steps=3608",
-            "-S", "train.warmup_steps=360", "-S", 'engine.devices="0,1,2,3"', "-S", "engine.nnodes=2"]
+            "-S", "train.warmup_steps=360", "-S", "engine.gpus=4", "-S", "engine.nnodes=2"]
     node_env = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "8090", "RANK": str(rank)}
     commands = [args for args, _ in calls]  # each begins with the program: dvc or python
     assert commands[0] == ["python", "sky/checkpoints.py", "restore", str(tmp_path / "m/exp4"), "checkpoints"]
@@ -348,14 +457,15 @@ def test_run_maps_skypilots_nodes_and_gpus_to_the_engine(rank, tmp_path):
                                 "--every", "60"]])
         assert [c for c in commands[1:] if c not in mirror] == [["dvc", "exp", "run", "--pull", "-n", "exp4", *sets],
                                                                 ["dvc", "exp", "push", "origin", "exp4"]]
-    else:  # a worker node: this experiment's params.yaml and training set, then it joins node 0's training
-        assert commands[1:] == [["dvc", "exp", "run", "--pull", *sets, "trainset"],
+    else:  # a worker node: this experiment's params.yaml and training set (that stage only: no baseline inference
+        # on every node), then it joins node 0's training
+        assert commands[1:] == [["dvc", "exp", "run", "--pull", "--single-item", *sets, "trainset"],
                                 ["python", "-m", "stages.train", "--worker-node"]]
     assert all(e == node_env for _, e in calls)
 
 
 def complete_checkpoint(folder, step, size=1000):
-    """A folder engine.checkpoint_is_complete() accepts: scheduler, trainer state, an optimizer index and its shard."""
+    """A folder weights.checkpoint_is_complete() accepts: scheduler, trainer state, an optimizer index and its shard."""
     c = folder / f"checkpoint-{step}"
     c.mkdir(parents=True)
     for name in ("scheduler.pdparams", "trainer_state.bin", "model-00001.safetensors"):
@@ -384,7 +494,7 @@ def test_checkpoints_mirror_keeps_two_whole_copies_and_restore_skips_a_half_uplo
     shard = bucket / "train-abc/checkpoint-6/optimizer-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])
     assert ck.restore(bucket, fresh) == [fresh / "train-abc/checkpoint-4"]
-    from ernie_dpo.engine import checkpoint_is_complete
+    from ernie_dpo.weights import checkpoint_is_complete
 
     assert checkpoint_is_complete(fresh / "train-abc/checkpoint-4")
     assert not (fresh / "train-abc/checkpoint-4" / ck.MANIFEST).exists()  # the engine's folder, as it wrote it

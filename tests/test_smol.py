@@ -10,7 +10,7 @@ import copy
 import numpy as np
 import pytest
 
-from ernie_dpo import engine, gguf_model, tokens
+from ernie_dpo import engine, gguf_model, launch, tokens, weights
 from ernie_dpo.common import write_jsonl
 from ernie_dpo.generate import LocalModel
 from ernie_dpo.tokens import prompt_ids
@@ -28,7 +28,7 @@ MULTI = {"id": "multi", "system": "You answer briefly.",
 def smol_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("smol") / "model"
     info = gguf_model.convert("smollm2-135m", d)
-    assert engine.prepare_model_dir(d, "cpu") == {"fuse_rms_norm": False}  # no CPU kernel for the fused norm
+    assert weights.prepare_model_dir(d, "cpu") == {"fuse_rms_norm": False}  # no CPU kernel for the fused norm
     assert info["parameters"] == 134_515_008
     return d
 
@@ -61,7 +61,7 @@ def test_the_packaged_file_is_verified_by_sha256(monkeypatch, tmp_path):
 def test_conversion_scores_text_like_a_trained_model_and_needs_the_unpermutation(smol, tmp_path):
     good = nll_per_token(smol, PARAGRAPH)
     gguf_model.convert_file(gguf_model.locate("smollm2-135m"), tmp_path / "raw", permuted=False)
-    engine.prepare_model_dir(tmp_path / "raw", "cpu")
+    weights.prepare_model_dir(tmp_path / "raw", "cpu")
     bad = nll_per_token(LocalModel(tmp_path / "raw", "cpu"), PARAGRAPH)
     assert good < 3.3, good  # measured 3.0 nats/token; a random 49k-vocab model scores ~10.8
     assert bad > good + 0.5, (good, bad)
@@ -96,7 +96,7 @@ def test_training_and_inference_see_the_same_prompt_tokens(smol, rec):
     from ernie_dpo.data import to_messages
 
     infer = prompt_ids(smol.tokenizer, to_messages(rec, keep_system=True))
-    tokens.use_cumulative_chat_encoding()  # what the engine process does (engine._engine_main)
+    tokens.use_cumulative_chat_encoding()  # what the engine process does (engine_main._engine_main)
     assert engine_training_prompt(smol.tokenizer, rec) == infer
     text = smol.tokenizer.decode(infer)
     assert text.count("<|im_start|>system") == 1 and text.endswith("<|im_start|>assistant\n")
@@ -156,10 +156,10 @@ def test_a_couple_of_lora_dpo_steps_on_real_long_pairs_cut_to_fit(smol_dir, tmp_
              loss_type="sigmoid", beta=0.1, lora_rank=4, seed=42, max_seq_len=384, max_prompt_len=96)
     cfg = engine.dpo_config(smol_dir, tmp_path / "pairs.jsonl", tmp_path / "out", "cpu", p)
     steps = []
-    engine.run(engine.launch_command("train", engine.write_config(cfg, tmp_path / "dpo.yaml"), "cpu"),
+    launch.run(launch.launch_command("train", engine.write_config(cfg, tmp_path / "dpo.yaml"), "cpu"),
                tmp_path / "engine.log", steps.append)
     assert [s["global_step"] for s in steps] == [1, 2] and all(np.isfinite(s["loss"]) for s in steps)
-    assert engine.engine_skips((tmp_path / "engine.log").read_text()) == 0
+    assert launch.engine_skips((tmp_path / "engine.log").read_text()) == 0
     assert (tmp_path / "out/lora_config.json").exists()
 
 
