@@ -95,6 +95,9 @@ def warmup_exp():
 
 
 def main():
+    from ernie_dpo import runtime
+
+    runtime.setup()  # as the stages: MKL's fast path on AMD CPUs, quiet imports
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="skip (d)")
     args = ap.parse_args()

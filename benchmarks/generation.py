@@ -161,6 +161,9 @@ def peak_rss(model_dir, n_prompts, max_new):
 
 
 def main():
+    from ernie_dpo import runtime
+
+    runtime.setup()  # as the stages: MKL's fast path on AMD CPUs, quiet imports
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["tiny", "smol"], choices=["tiny", "smol"])
     ap.add_argument("--peer-python", help="interpreter of a venv with benchmarks/requirements-peer.txt")

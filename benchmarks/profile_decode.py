@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main():
+    from ernie_dpo import runtime
+
+    runtime.setup()  # as the stages: MKL's fast path on AMD CPUs, quiet imports
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=8)

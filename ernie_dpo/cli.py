@@ -25,6 +25,9 @@ COMMANDS = {  # name: (module[:function, default main], help)
 
 
 def main(argv=None):
+    from . import runtime
+
+    runtime.setup()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)

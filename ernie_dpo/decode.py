@@ -1,19 +1,19 @@
 """A lean decode loop over the model's forward pass: continuous batching, in-place KV cache, per-prompt seeds.
 
-Why not `model.generate`: on a CPU, PaddleFormers' generate made batch 8 SLOWER per reply than batch 1 (0.45x,
-issue 13). Where the time went, and what this module does instead:
-- padding: a batch was left-padded to its longest prompt and ran until its longest reply ended. Here prompts are
+Why not `model.generate`: on a CPU, PaddleFormers' generate makes batch 8 slower per reply than batch 1
+(docs/benchmarks.md). What it does, and what this module does instead:
+- padding: generate left-pads a batch to its longest prompt and runs until its longest reply ends. Here prompts are
   taken longest first (deterministic order), a finished reply frees its slot at once and the next prompt is
   prefilled on its own (no prompt is padded to another's length) and written INTO that slot, right-aligned at the
   batch's filled length (`admit`): no copy of the batch's cache. The cache is rebuilt (`combine`) only to grow it
   (to CHUNK..2 CHUNK - 1 free columns), to drop leading columns no running row needs (when a third of them are), and at the end;
-- the KV cache grew by concatenation, copying the whole cache at every step of every layer; here K/V live in
+- its KV cache grows by concatenation, copying the whole cache at every step of every layer; here K/V live in
   buffers and each step writes one column in place (`SlotCache`);
-- attention expanded K/V to every query head (`repeat_kv` copies the cache once per query head per step); here
+- its attention expands K/V to every query head (`repeat_kv` copies the cache once per query head per step); here
   query heads are grouped per KV head instead (`grouped_attention`, same numbers, no copy); the mask is expanded to
   the scores' shape once per forward pass (Paddle's broadcast add is slow on a CPU), and prefill attends in query
   blocks, each only over the keys before it;
-- the LM head ran over every prompt position in prefill (a 1000-token prompt: 1000 x vocab logits); here it runs on
+- its LM head runs over every prompt position in prefill (a 1000-token prompt: 1000 x vocab logits); here on
   the last position only;
 - Paddle uses one CPU thread unless told otherwise; `load_model` sets all cores (devices.use_all_cpu_cores).
 Sampling is the recipe's (top_p, temperature; no top_k), done where the logits are (`sample_tokens`), with each

@@ -111,12 +111,10 @@ def _common(model, data_path, out_dir, device, seed, max_seq_len, max_steps, war
         "seed": int(seed),
     }
     if save_steps and int(save_steps) > 0:
-        # One checkpoint format on every device: unified_checkpoint, the layout checkpoint_is_complete() reads
-        # (optimizer*.index.json naming its shards). The engine's default, flex_checkpoint, resumes through fleet's
-        # hybrid communicate group, which a single CPU process never creates (AttributeError: 'Fleet' object has no
-        # attribute '_hcg'), and on a GPU it writes optimizer state into folders with no optimizer index, so
-        # every GPU checkpoint looked incomplete and was removed: a killed GPU run restarted from step 1.
-        # (checked on CPU: killed after checkpoint-5, resumed at step 6; on a GPU: not run here, no GPU was lent.)
+        # One checkpoint format on every device: unified_checkpoint, the layout weights.checkpoint_is_complete()
+        # reads (optimizer*.index.json naming its shards). The engine's default, flex_checkpoint, resumes through
+        # fleet's hybrid communicate group, which a single CPU process never has ('Fleet' object has no attribute
+        # '_hcg'), and on a GPU it writes optimizer state without an optimizer index (tests/test_interruption.py)
         cfg.update({"save_strategy": "steps", "save_steps": int(save_steps), "save_total_limit": 1,
                     "save_checkpoint_format": "unified_checkpoint", "load_checkpoint_format": "unified_checkpoint"})
     else:

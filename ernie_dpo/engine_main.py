@@ -139,6 +139,9 @@ def _unwrapped_when_fleet_is_not_initialised():
 
 def main(argv=None):
     """`ernie-dpo engine train|export CFG` (and `python -m ernie_dpo.engine_main ...`): _engine_main with a --help."""
+    from . import runtime
+
+    runtime.setup()
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] not in ("train", "export"):
         print("usage: ernie-dpo engine train|export CONFIG.yaml\n\n" + _engine_main.__doc__)

@@ -353,10 +353,7 @@ def short_sha(rev):
 
 
 def plot_bars(data, model, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # (backend: runtime.setup(), MPLBACKEND=Agg)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = range(len(data))

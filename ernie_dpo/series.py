@@ -254,8 +254,8 @@ def run_local(experiments, profile, slots, poll_s=10):
     return reported
 
 
-def main(argv=None):
-    """`ernie-dpo series`: queue exp1-exp4 as named DVC experiments, run them, write the report."""
+def parse_args(argv):
+    """The command line, checked: (args, slots -- one queue worker's CUDA_VISIBLE_DEVICES each, or None --, names)."""
     ap = argparse.ArgumentParser(prog="ernie-dpo series", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, help="experiments run at the same time (default 1; one GPU: 1)")
@@ -300,6 +300,12 @@ def main(argv=None):
     unknown = sorted(set(only) - set(NAMES))
     if unknown:
         ap.error(f"--only: unknown experiment(s) {', '.join(unknown)}; the series has {', '.join(NAMES)}")
+    return args, slots, only
+
+
+def main(argv=None):
+    """`ernie-dpo series`: queue exp1-exp4 as named DVC experiments, run them, write the report."""
+    args, slots, only = parse_args(argv)
     start = time.time()
 
     # Uncommitted changes to conf/ would be copied into every queued experiment: refuse rather than mix them in.
@@ -333,11 +339,7 @@ def main(argv=None):
                         profile)
         experiments = {n: {**p, "engine.gpus": args.gpus_per_experiment} for n, p in experiments.items()}
     if args.dry:
-        for name, p in experiments.items():
-            print("dvc " + shlex.join(queue_command(name, profile, p)))
-        for k, slot in enumerate(slots, 1):
-            print(f"# queue worker {k}" + (f": CUDA_VISIBLE_DEVICES={slot}" if slot is not None else ""))
-        return
+        return print_plan(experiments, profile, slots)
 
     import dvc.api
 
@@ -361,6 +363,13 @@ def main(argv=None):
     if failed:
         sys.exit(f"series: {', '.join(failed)} failed (logs above; `dvc queue logs <name>`); rerun: "
                  f"ernie-dpo series --only {','.join(failed)}")
+
+
+def print_plan(experiments, profile, slots):
+    for name, p in experiments.items():
+        print("dvc " + shlex.join(queue_command(name, profile, p)))
+    for k, slot in enumerate(slots, 1):
+        print(f"# queue worker {k}" + (f": CUDA_VISIBLE_DEVICES={slot}" if slot is not None else ""))
 
 
 def plan_series(params):

@@ -1,9 +1,7 @@
 """analyze: chosen/rejected character lengths of the prepared data -> metrics, plot data and a histogram PNG."""
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from ernie_dpo.common import (

@@ -10,9 +10,7 @@ do not stop the pipeline.
 import random
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from ernie_dpo import diagnose, tokens
@@ -83,6 +81,11 @@ def main():
     plot = [{"pair": k, "margin_per_token": round(float(m), 4), "chosen_logp_per_token": round(s[0], 4),
              "rejected_logp_per_token": round(s[1], 4)} for k, (m, s) in enumerate(zip(margin, scored))]
     write_json("metrics/plots/pair_diagnostics.json", plot)
+    plot_pairs(margin, scored, own, f"{params['model']['name_or_path']}: {metrics['pairs_scored']} training pairs"
+               + (" -- " + "; ".join(w.split(":")[0] for w in warnings) if warnings else ""))
+
+
+def plot_pairs(margin, scored, own, title):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     axes[0].hist(margin, bins=20)
     axes[0].axvline(0, color="k", lw=0.8)
@@ -91,8 +94,7 @@ def main():
                  label=["chosen", "rejected", "model's own replies"])
     axes[1].set(title="log-prob per token under the base model", xlabel="nats/token")
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"{params['model']['name_or_path']}: {metrics['pairs_scored']} training pairs"
-                 + (" -- " + "; ".join(w.split(":")[0] for w in warnings) if warnings else ""))
+    fig.suptitle(title)
     fig.tight_layout()
     Path("metrics/plots").mkdir(parents=True, exist_ok=True)
     fig.savefig("metrics/plots/pair_diagnostics.png", dpi=100)

@@ -11,10 +11,8 @@ replies), tuned - baseline of each with its paired interval, the smallest differ
 import sys
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from ernie_dpo.common import (
@@ -44,6 +42,45 @@ def plot_lengths(b, t, model, path):
     fig.savefig(path, dpi=100)
 
 
+def compare(base, replies, e, likelihood):
+    """metrics' delta section: tuned - baseline reply length (mean, median: paired and unpaired 95% intervals, the
+    smallest difference detectable at 80% power), each quality sign, prompts shorter / longer, and the verdict."""
+    b_len = [len(r["reply"]) for r in base]
+    t_len = [len(r["reply"]) for r in replies]
+    delta = {}
+    for stat in ("mean", "median"):
+        # the headline interval is paired (same prompts, same seeds: ernie_dpo/stats.py says why); the unpaired
+        # one, wider, is kept beside it so nobody has to take the choice on trust
+        p = paired_delta(b_len, t_len, stat, e["bootstrap_samples"], e["seed"])
+        d, lo, hi = p["delta"], p["ci_low"], p["ci_high"]
+        _, ulo, uhi = bootstrap_delta(b_len, t_len, stat, e["bootstrap_samples"], e["seed"], paired=False)
+        delta[f"chars_{stat}"] = round(d, 2)
+        delta[f"chars_{stat}_ci_low"] = round(lo, 2)
+        delta[f"chars_{stat}_ci_high"] = round(hi, 2)
+        delta[f"chars_{stat}_unpaired_ci_low"] = round(ulo, 2)
+        delta[f"chars_{stat}_unpaired_ci_high"] = round(uhi, 2)
+        delta[f"chars_{stat}_mde80"] = round(p["mde80"], 2)
+        log.info("tuned - baseline %s reply length: %+.1f chars, 95%% paired bootstrap CI [%+.1f, %+.1f] "
+                 "(unpaired [%+.1f, %+.1f]); %d prompts detect %.1f chars at 80%% power", stat, d, lo, hi, ulo,
+                 uhi, len(b_len), p["mde80"])
+    # is a shorter reply still an answer? each quality sign's mean, tuned - baseline, on the same resamples
+    qb, qt = quality_values(base), quality_values(replies)
+    for key in qb:
+        p = paired_delta(qb[key], qt[key], "mean", e["bootstrap_samples"], e["seed"])
+        delta.update({key: round(p["delta"], 4), f"{key}_ci_low": round(p["ci_low"], 4),
+                      f"{key}_ci_high": round(p["ci_high"], 4), f"{key}_mde80": round(p["mde80"], 4)})
+        log.info("tuned - baseline %s: %+.3f, 95%% paired bootstrap CI [%+.3f, %+.3f]; detectable: %.3f", key,
+                 p["delta"], p["ci_low"], p["ci_high"], p["mde80"])
+    delta["prompts_shorter"] = sum(t < b for b, t in zip(b_len, t_len))
+    delta["prompts_longer"] = sum(t > b for b, t in zip(b_len, t_len))
+    log.info("tuned reply shorter than the baseline's on %d of %d prompts, longer on %d",
+             delta["prompts_shorter"], len(b_len), delta["prompts_longer"])
+    verdict, reasons = length_verdict(delta, likelihood)
+    delta["verdict"] = verdict
+    log.info("verdict: %s (%s)", verdict, "; ".join(reasons))
+    return delta, b_len, t_len
+
+
 def main():
     ap = stage_parser(__file__, __doc__)
     ap.add_argument("--name", required=True)
@@ -68,45 +105,12 @@ def main():
         base = read_jsonl(args.baseline)
         if [r["id"] for r in base] != [r["id"] for r in replies]:
             sys.exit(f"evaluate: {args.baseline} and {args.replies} do not answer the same prompts in the same order")
-        b_len = [len(r["reply"]) for r in base]
-        t_len = [len(r["reply"]) for r in replies]
-        delta = {}
-        for stat in ("mean", "median"):
-            # the headline interval is paired (same prompts, same seeds: ernie_dpo/stats.py says why); the unpaired
-            # one, wider, is kept beside it so nobody has to take the choice on trust
-            p = paired_delta(b_len, t_len, stat, e["bootstrap_samples"], e["seed"])
-            d, lo, hi = p["delta"], p["ci_low"], p["ci_high"]
-            _, ulo, uhi = bootstrap_delta(b_len, t_len, stat, e["bootstrap_samples"], e["seed"], paired=False)
-            delta[f"chars_{stat}"] = round(d, 2)
-            delta[f"chars_{stat}_ci_low"] = round(lo, 2)
-            delta[f"chars_{stat}_ci_high"] = round(hi, 2)
-            delta[f"chars_{stat}_unpaired_ci_low"] = round(ulo, 2)
-            delta[f"chars_{stat}_unpaired_ci_high"] = round(uhi, 2)
-            delta[f"chars_{stat}_mde80"] = round(p["mde80"], 2)
-            log.info("tuned - baseline %s reply length: %+.1f chars, 95%% paired bootstrap CI [%+.1f, %+.1f] "
-                     "(unpaired [%+.1f, %+.1f]); %d prompts detect %.1f chars at 80%% power", stat, d, lo, hi, ulo,
-                     uhi, len(b_len), p["mde80"])
-        # is a shorter reply still an answer? each quality sign's mean, tuned - baseline, on the same resamples
-        qb, qt = quality_values(base), quality_values(replies)
-        for key in qb:
-            p = paired_delta(qb[key], qt[key], "mean", e["bootstrap_samples"], e["seed"])
-            delta.update({key: round(p["delta"], 4), f"{key}_ci_low": round(p["ci_low"], 4),
-                          f"{key}_ci_high": round(p["ci_high"], 4), f"{key}_mde80": round(p["mde80"], 4)})
-            log.info("tuned - baseline %s: %+.3f, 95%% paired bootstrap CI [%+.3f, %+.3f]; detectable: %.3f", key,
-                     p["delta"], p["ci_low"], p["ci_high"], p["mde80"])
-        delta["prompts_shorter"] = sum(t < b for b, t in zip(b_len, t_len))
-        delta["prompts_longer"] = sum(t > b for b, t in zip(b_len, t_len))
-        log.info("tuned reply shorter than the baseline's on %d of %d prompts, longer on %d",
-                 delta["prompts_shorter"], len(b_len), delta["prompts_longer"])
         # the held-out likelihood (validation prompts' chosen answers, tuned - base) is measured by the train stage
         likelihood = read_json(args.likelihood).get("likelihood") if args.likelihood else None
         if args.likelihood and not likelihood:
             log.warning("%s has no held-out likelihood (train.length_probe_steps 0?): the verdict cannot check it",
                         args.likelihood)
-        verdict, reasons = length_verdict(delta, likelihood)
-        delta["verdict"] = verdict
-        log.info("verdict: %s (%s)", verdict, "; ".join(reasons))
-        out["delta"] = delta
+        out["delta"], b_len, t_len = compare(base, replies, e, likelihood)
         Path("metrics/plots").mkdir(parents=True, exist_ok=True)
         write_json("metrics/plots/reply_lengths.json",
                    [{"prompt": i, "baseline_chars": b, "tuned_chars": t} for i, (b, t) in enumerate(zip(b_len, t_len))])

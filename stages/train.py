@@ -25,9 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from dvclive import Live
 from tqdm import tqdm
@@ -243,6 +241,160 @@ def worker_node(args, params, work):
     launch.run(cmd, LOGS / "engine.log")
 
 
+def stale_checkpoints_removed(work):
+    """The checkpoints a run can resume from (an earlier run with the same inputs was interrupted): incomplete ones
+    (killed while saving) are removed; without any, step 0's probe of that run is removed too (probed again)."""
+    resumed = sorted(work.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    for c in [c for c in resumed if not weights.checkpoint_is_complete(c)]:
+        log.warning("removing %s: incomplete (the run was killed while saving it), the engine cannot resume from it", c)
+        shutil.rmtree(c)
+        resumed.remove(c)
+    if resumed:
+        log.info("resuming from %s (an earlier run with the same inputs was interrupted)", resumed[-1])
+    else:
+        (work / length_probe.START_NAME).unlink(missing_ok=True)
+    return resumed
+
+
+class Monitor:
+    """What the engine prints, as it prints it: training steps and held-out evaluations to DVCLive and the progress
+    bar, eval-pass counts, length probes (logged, or reported when one fails) and an early stop."""
+
+    def __init__(self, live, bar, params, probe_prompts):
+        self.live, self.bar, self.params, self.probe_prompts = live, bar, params, probe_prompts
+        self.last, self.heldout, self.probes, self.stopped = {}, {}, [], {}
+        self.eval_passes, self.probe_failures = [], []
+
+    def on_step(self, s):
+        s = engine_names(s, self.params["train"]["loss_type"])
+        live = self.live
+        if "eval_loss" in s:  # the engine's eval loop on the held-out pairs (the last one is printed twice)
+            h = self.heldout
+            if h.get("eval_loss") == s["eval_loss"] and h.get("step") == self.last.get("global_step"):
+                return
+            live.step = s.get("global_step", self.last.get("global_step", 0))
+            self.heldout["step"] = live.step
+            for k in EVAL_CURVES:
+                if k in s:
+                    live.log_metric(k, s[k], plot=True)
+            self.heldout.update(s)
+            return
+        live.step = s["global_step"]
+        for k in CURVES:
+            if k in s:
+                live.log_metric(k, s[k], plot=True)
+        self.last.update(s)
+        self.bar.set_postfix(loss=f"{s['loss']:.3f}", margin=f"{s.get('rewards/margins', 0):.2f}",
+                             **({"reply_median": self.probes[-1]["chars_median"]} if self.probes else {}))
+        self.bar.update(s["global_step"] - self.bar.n)
+
+    def on_line(self, line):
+        if engine_main.EVAL_PASS_MARK in line:  # one pass of the engine's eval loop: the pairs it saw
+            self.eval_passes.append(json.loads(line.split(engine_main.EVAL_PASS_MARK, 1)[1])["pairs"])
+            return
+        found = length_probe.parse_line(line)
+        if found is None:
+            return
+        kind, data = found
+        if kind == "stopped":
+            self.stopped.update(data)
+        elif kind == "failed":  # reported, never fatal: the run goes on without that probe
+            self.probe_failures.append(data)
+            log.warning("length probe at step %d FAILED and was skipped (training goes on): %s", data["step"],
+                        data["error"])
+        else:
+            self.on_probe(data)
+
+    def on_probe(self, data):
+        self.probes.append(data)
+        self.live.step = data["step"]
+        if data["nll_per_token"]:
+            data["nll_per_token_mean"] = round(sum(data["nll_per_token"]) / len(data["nll_per_token"]), 5)
+        for k in ("chars_median", "chars_mean", "cut_share", "nll_per_token_mean"):
+            if k in data:
+                self.live.log_metric(f"length_probe/{k.replace('_mean', '') if k.startswith('nll') else k}", data[k],
+                                     plot=True)
+        p = self.params["train"]
+        log.info("length probe at step %d: replies to %d validation prompts: median %.0f chars%s, mean %.0f, "
+                 "cut at %d tokens: %.0f%%; held-out NLL of their chosen answers %.4f nats/token",
+                 data["step"], self.probe_prompts, data["chars_median"],
+                 (f" ({data['delta_chars_median']:+.0f} vs step 0, 95% CI [{data['delta_chars_median_ci_low']:+.0f}"
+                  f", {data['delta_chars_median_ci_high']:+.0f}])" if "delta_chars_median" in data else ""),
+                 data["chars_mean"], p["length_probe_max_dec_len"] or self.params["infer"]["max_dec_len"],
+                 100 * data["cut_share"], data.get("nll_per_token_mean", float("nan")))
+
+
+def check_finished(last):
+    """Stop the stage unless the engine trained to a finite loss on exactly the pairs counted."""
+    if not last:
+        sys.exit(f"train: the engine logged no training step; see {LOGS / 'engine.log'}")
+    if not math.isfinite(last.get("loss", 0.0)):
+        sys.exit(f"train: the loss is {last['loss']} at step {last['global_step']} (the run diverged): lower "
+                 f"train.learning_rate; see {LOGS / 'engine.log'}")
+    skipped = launch.engine_skips((LOGS / "engine.log").read_text(encoding="utf-8", errors="replace"))
+    if skipped:
+        sys.exit(f"train: the engine skipped {skipped} pair(s) that the length count said fit (see '[SKIP]' in "
+                 f"{LOGS / 'engine.log'}): pairs trained would not be pairs reported")
+
+
+def summary(params, m, fit, eval_fit, work, seconds):
+    """metrics/train.json: the last step, the held-out pairs (each counted once per pass), the length probes and the
+    held-out likelihood."""
+    p = params["train"]
+    last, heldout, probes = m.last, m.heldout, m.probes
+    final = {**labels(params),
+             "steps_done": int(last["global_step"]), "seconds": seconds, **fit,
+             "examples_seen": int(last["global_step"]) * int(p["global_batch_size"])}
+    final["epochs"] = round(final["examples_seen"] / fit["pairs_trained"], 2)
+    final["last_step"] = {k.replace("/", "_"): round(v, 5) for k, v in last.items()
+                          if k in CURVES and k != "learning_rate"}
+    if heldout:
+        # every held-out pair counted once per pass (engine_main._each_pair_once): what the eval loop saw, recorded and
+        # checked (a pair the engine's dataset fails to process is skipped by it, with a printed warning)
+        if not m.eval_passes or any(n != eval_fit["pairs_trained"] for n in m.eval_passes):
+            log.warning("the engine's eval loop saw %s pairs per pass, not the %d held-out pairs of %s: its eval_* "
+                        "values are over those", m.eval_passes or "an unknown number of", eval_fit["pairs_trained"],
+                        LOGS / "eval_pairs.jsonl")
+        final["heldout"] = {"pairs": eval_fit["pairs_trained"],
+                            "pairs_evaluated": m.eval_passes[-1] if m.eval_passes else None,
+                            **{k[len("eval_"):].replace("/", "_"): round(v, 5) for k, v in heldout.items()
+                               if k in EVAL_CURVES}}
+    out = {"dpo": final}  # "dpo", not "train": params own train.*
+    start_file = work / length_probe.START_NAME  # step 0's probe, kept by the engine for a resumed run
+    if probes and probes[0]["step"] != 0 and start_file.is_file():
+        probes.insert(0, json.loads(start_file.read_text()))
+    start_file.unlink(missing_ok=True)
+    if m.probe_failures:
+        final["length_probe_failures"] = len(m.probe_failures)
+    if probes:
+        final["length_probe"] = probe_summary(probes, m.probe_prompts)
+        if len(probes) > 1 and probes[0]["step"] == 0 and probes[0]["nll_per_token"]:
+            out["likelihood"] = heldout_likelihood(probes[0]["nll_per_token"], probes[-1]["nll_per_token"],
+                                                   params["evaluate"])
+    final["stopped_early"] = bool(m.stopped)
+    return out
+
+
+def stop_if_longer(p, m):
+    if m.stopped:
+        sys.exit(f"train: STOPPED at step {m.stopped['step']} of {p['max_steps']}: replies to the validation prompts "
+                 f"grew (median {m.probes[0]['chars_median']:.0f} chars at step 0 -> "
+                 f"{m.probes[-1]['chars_median']:.0f}, more than train.stop_if_longer={p['stop_if_longer']} above step 0 for "
+                 f"{p['stop_if_longer_probes']} probes in a row, each with a paired 95% interval above 0). The "
+                 "curves are in metrics/plots/dpo_curves.png and metrics/train.json; this run teaches the model to "
+                 "answer LONGER (the recipe's exp3): try train.sft_loss_ratio, more warmup, a lower learning rate, "
+                 "or other pairs.")
+
+
+def publish(work):
+    """The finished model (not the checkpoints) becomes the DVC output; the work folder is no longer needed."""
+    OUT.mkdir(parents=True)
+    for f in work.iterdir():
+        if not f.name.startswith("checkpoint-"):
+            f.rename(OUT / f.name)
+    shutil.rmtree(work)
+
+
 def main():
     ap = stage_parser(__file__, __doc__)
     ap.add_argument("--worker-node", action="store_true",
@@ -259,15 +411,7 @@ def main():
     if p["warmup_steps"] >= p["max_steps"]:  # valid for the engine, but the peak learning rate is never reached
         log.warning("warmup_steps (%d) >= max_steps (%d): the learning rate only ramps up, to %.0f%% of %g",
                     p["warmup_steps"], p["max_steps"], 100 * p["max_steps"] / p["warmup_steps"], p["learning_rate"])
-    resumed = sorted(work.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
-    for c in [c for c in resumed if not weights.checkpoint_is_complete(c)]:
-        log.warning("removing %s: incomplete (the run was killed while saving it), the engine cannot resume from it", c)
-        shutil.rmtree(c)
-        resumed.remove(c)
-    if resumed:
-        log.info("resuming from %s (an earlier run with the same inputs was interrupted)", resumed[-1])
-    else:  # step 0's probe of a run that left no checkpoint: this run probes step 0 again
-        (work / length_probe.START_NAME).unlink(missing_ok=True)
+    resumed = stale_checkpoints_removed(work)
     for d in (OUT, LOGS):
         shutil.rmtree(d, ignore_errors=True)
     cmd, fit, eval_fit, probe_prompts = engine_inputs(params, work)
@@ -279,124 +423,23 @@ def main():
     log.info("DPO (%s, loss %s, beta %s): %d steps, warmup %d, global batch %d, lr %g on %s (engine log: %s)",
              p["fine_tuning"], p["loss_type"], p["beta"], p["max_steps"], p["warmup_steps"], p["global_batch_size"],
              p["learning_rate"], device, LOGS / "engine.log")
-    last, heldout, probes, stopped, eval_passes, probe_failures = {}, {}, [], {}, [], []
     start = time.time()
     with Live(dir="metrics/dvclive", dvcyaml=None, save_dvc_exp=False, report=None, resume=bool(resumed)) as live, \
             tqdm(total=p["max_steps"], desc="DPO", unit="step") as bar:
-        def on_step(s):
-            s = engine_names(s, p["loss_type"])
-            if "eval_loss" in s:  # the engine's eval loop on the held-out pairs (the last one is printed twice)
-                if heldout.get("eval_loss") == s["eval_loss"] and heldout.get("step") == last.get("global_step"):
-                    return
-                live.step = s.get("global_step", last.get("global_step", 0))
-                heldout["step"] = live.step
-                for k in EVAL_CURVES:
-                    if k in s:
-                        live.log_metric(k, s[k], plot=True)
-                heldout.update(s)
-                return
-            live.step = s["global_step"]
-            for k in CURVES:
-                if k in s:
-                    live.log_metric(k, s[k], plot=True)
-            last.update(s)
-            bar.set_postfix(loss=f"{s['loss']:.3f}", margin=f"{s.get('rewards/margins', 0):.2f}",
-                            **({"reply_median": probes[-1]["chars_median"]} if probes else {}))
-            bar.update(s["global_step"] - bar.n)
-
-        def on_line(line):
-            if engine_main.EVAL_PASS_MARK in line:  # one pass of the engine's eval loop: the pairs it saw
-                eval_passes.append(json.loads(line.split(engine_main.EVAL_PASS_MARK, 1)[1])["pairs"])
-                return
-            found = length_probe.parse_line(line)
-            if found is None:
-                return
-            kind, data = found
-            if kind == "stopped":
-                stopped.update(data)
-                return
-            if kind == "failed":  # reported, never fatal: the run goes on without that probe
-                probe_failures.append(data)
-                log.warning("length probe at step %d FAILED and was skipped (training goes on): %s", data["step"],
-                            data["error"])
-                return
-            probes.append(data)
-            live.step = data["step"]
-            if data["nll_per_token"]:
-                data["nll_per_token_mean"] = round(sum(data["nll_per_token"]) / len(data["nll_per_token"]), 5)
-            for k in ("chars_median", "chars_mean", "cut_share", "nll_per_token_mean"):
-                if k in data:
-                    live.log_metric(f"length_probe/{k.replace('_mean', '') if k.startswith('nll') else k}", data[k],
-                                    plot=True)
-            log.info("length probe at step %d: replies to %d validation prompts: median %.0f chars%s, mean %.0f, "
-                     "cut at %d tokens: %.0f%%; held-out NLL of their chosen answers %.4f nats/token",
-                     data["step"], probe_prompts, data["chars_median"],
-                     (f" ({data['delta_chars_median']:+.0f} vs step 0, 95% CI [{data['delta_chars_median_ci_low']:+.0f}"
-                      f", {data['delta_chars_median_ci_high']:+.0f}])" if "delta_chars_median" in data else ""),
-                     data["chars_mean"], p["length_probe_max_dec_len"] or params["infer"]["max_dec_len"],
-                     100 * data["cut_share"], data.get("nll_per_token_mean", float("nan")))
-
-        launch.run(cmd, LOGS / "engine.log", on_step, on_line=on_line)
+        m = Monitor(live, bar, params, probe_prompts)
+        launch.run(cmd, LOGS / "engine.log", m.on_step, on_line=m.on_line)
         live.make_summary()
-    if not last:
-        sys.exit(f"train: the engine logged no training step; see {LOGS / 'engine.log'}")
-    if not math.isfinite(last.get("loss", 0.0)):
-        sys.exit(f"train: the loss is {last['loss']} at step {last['global_step']} (the run diverged): lower "
-                 f"train.learning_rate; see {LOGS / 'engine.log'}")
-    skipped = launch.engine_skips((LOGS / "engine.log").read_text(encoding="utf-8", errors="replace"))
-    if skipped:
-        sys.exit(f"train: the engine skipped {skipped} pair(s) that the length count said fit (see '[SKIP]' in "
-                 f"{LOGS / 'engine.log'}): pairs trained would not be pairs reported")
-    title = (f"{params['model']['name_or_path']}: {p['fine_tuning']}, {p['max_steps']} steps, warmup "
-             f"{p['warmup_steps']}, batch {p['global_batch_size']}")
-    plot_curves("metrics/dvclive", title, "metrics/plots/dpo_curves.png")
-    final = {**labels(params),
-             "steps_done": int(last["global_step"]), "seconds": round(time.time() - start, 1), **fit,
-             "examples_seen": int(last["global_step"]) * int(p["global_batch_size"])}
-    final["epochs"] = round(final["examples_seen"] / fit["pairs_trained"], 2)
-    final["last_step"] = {k.replace("/", "_"): round(v, 5) for k, v in last.items()
-                          if k in CURVES and k != "learning_rate"}
-    if heldout:
-        # every held-out pair counted once per pass (engine_main._each_pair_once): what the eval loop saw, recorded and
-        # checked (a pair the engine's dataset fails to process is skipped by it, with a printed warning)
-        if not eval_passes or any(n != eval_fit["pairs_trained"] for n in eval_passes):
-            log.warning("the engine's eval loop saw %s pairs per pass, not the %d held-out pairs of %s: its eval_* "
-                        "values are over those", eval_passes or "an unknown number of", eval_fit["pairs_trained"],
-                        LOGS / "eval_pairs.jsonl")
-        final["heldout"] = {"pairs": eval_fit["pairs_trained"],
-                            "pairs_evaluated": eval_passes[-1] if eval_passes else None,
-                            **{k[len("eval_"):].replace("/", "_"): round(v, 5) for k, v in heldout.items()
-                               if k in EVAL_CURVES}}
-    out = {"dpo": final}  # "dpo", not "train": params own train.*
-    start_file = work / length_probe.START_NAME  # step 0's probe, kept by the engine for a resumed run
-    if probes and probes[0]["step"] != 0 and start_file.is_file():
-        probes.insert(0, json.loads(start_file.read_text()))
-    start_file.unlink(missing_ok=True)
-    if probe_failures:
-        final["length_probe_failures"] = len(probe_failures)
-    if probes:
-        final["length_probe"] = probe_summary(probes, probe_prompts)
-        if len(probes) > 1 and probes[0]["step"] == 0 and probes[0]["nll_per_token"]:
-            out["likelihood"] = heldout_likelihood(probes[0]["nll_per_token"], probes[-1]["nll_per_token"],
-                                                   params["evaluate"])
-    final["stopped_early"] = bool(stopped)
+    check_finished(m.last)
+    plot_curves("metrics/dvclive", f"{params['model']['name_or_path']}: {p['fine_tuning']}, {p['max_steps']} steps, "
+                f"warmup {p['warmup_steps']}, batch {p['global_batch_size']}", "metrics/plots/dpo_curves.png")
+    out = summary(params, m, fit, eval_fit, work, round(time.time() - start, 1))
     write_json("metrics/train.json", out)
-    if stopped:
-        sys.exit(f"train: STOPPED at step {stopped['step']} of {p['max_steps']}: replies to the validation prompts grew "
-                 f"(median {probes[0]['chars_median']:.0f} chars at step 0 -> {probes[-1]['chars_median']:.0f}, more "
-                 f"than train.stop_if_longer={p['stop_if_longer']} above step 0 for "
-                 f"{p['stop_if_longer_probes']} probes in a row, each with a paired 95% interval above 0). The "
-                 "curves are in metrics/plots/dpo_curves.png and metrics/train.json; this run teaches the model to answer LONGER (the recipe's exp3): try "
-                 "train.sft_loss_ratio, more warmup, a lower learning rate, or other pairs.")
-    # the finished model (not the checkpoints) becomes the DVC output; the work folder is no longer needed
-    OUT.mkdir(parents=True)
-    for f in work.iterdir():
-        if not f.name.startswith("checkpoint-"):
-            f.rename(OUT / f.name)
-    shutil.rmtree(work)
+    stop_if_longer(p, m)
+    publish(work)
+    last, heldout = m.last, m.heldout
     log.info("done: step %d, loss %.4f, reward margin %.3f, accuracy %.2f (%.0f s)%s", last["global_step"],
              last["loss"], last.get("rewards/margins", float("nan")), last.get("rewards/accuracies", float("nan")),
-             final["seconds"], f"; held-out reward accuracy {heldout['eval_rewards/accuracies']:.2f}"
+             out["dpo"]["seconds"], f"; held-out reward accuracy {heldout['eval_rewards/accuracies']:.2f}"
              if "eval_rewards/accuracies" in heldout else "")
 
 

@@ -27,6 +27,22 @@ from ernie_dpo.data import (
 log = get_logger("trainset")
 
 
+def without_system(pairs):
+    """The recipe deletes the system prompt from its training pairs: some ask for long answers on purpose, the
+    opposite of what this DPO run teaches (trainset.keep_system: true keeps them)."""
+    return [{k: v for k, v in r.items() if k != "system"} for r in pairs]
+
+
+def assert_apart(pairs, held_out, test_ids, test_keys):
+    """No training or held-out pair shares a prompt with the test or validation prompts, nor a held-out pair with
+    training (the recipe's training pool overlapped its test prompts). Returns the overlap: 0."""
+    overlap = sum(r["id"] in test_ids or prompt_key(r) in test_keys for r in pairs + held_out)
+    assert overlap == 0, f"{overlap} training or eval pairs share a prompt with the test set"
+    train_keys = {prompt_key(r) for r in pairs}
+    assert not any(prompt_key(r) in train_keys for r in held_out), "an eval pair shares a prompt with training"
+    return overlap
+
+
 def main():
     stage_parser(__file__, __doc__).parse_args()
     params = load_params()
@@ -54,24 +70,16 @@ def main():
     except DataError as e:
         sys.exit(f"trainset: {e}")
 
-    # The recipe's second defect was a training pool that overlapped the test prompts: make that impossible, and the
-    # same between training and held-out eval pairs.
-    overlap = sum(r["id"] in test_ids or prompt_key(r) in test_keys for r in pairs + held_out)
-    assert overlap == 0, f"{overlap} training or eval pairs share a prompt with the test set"
-    train_keys = {prompt_key(r) for r in pairs}
-    assert not any(prompt_key(r) in train_keys for r in held_out), "an eval pair shares a prompt with training"
+    overlap = assert_apart(pairs, held_out, test_ids, test_keys)
     if not pairs:
         loosen = "-S trainset.min_ratio=1.0" + (" -S trainset.baseline_tolerance=1.0"
                                                  if p["strategy"] == "near_baseline" else "")
         sys.exit(f"trainset: none of the {len(pool)} pool pairs passes the filter (strategy {p['strategy']}, rejected "
                  f">= {p['min_ratio']}x chosen); loosen it, e.g. {loosen}")
 
-    # The recipe deletes the system prompt from its training pairs: some ask for long answers on purpose, which is
-    # the opposite of what this DPO run teaches. trainset.keep_system: true keeps them.
     with_system = sum(bool(r.get("system")) for r in pairs)
     if not p["keep_system"]:
-        pairs = [{k: v for k, v in r.items() if k != "system"} for r in pairs]
-        held_out = [{k: v for k, v in r.items() if k != "system"} for r in held_out]
+        pairs, held_out = without_system(pairs), without_system(held_out)
     write_jsonl("data/trainset/train.jsonl", pairs)
     write_jsonl("data/trainset/eval.jsonl", held_out)
     chosen = [len(chosen_text(r)) for r in pairs]

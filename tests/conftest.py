@@ -20,6 +20,10 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 ROOT = Path(__file__).resolve().parents[1]
 os.chdir(ROOT)  # tests read the bundled sample by its repo path
 
+from ernie_dpo import runtime  # noqa: E402
+
+runtime.setup()  # as every stage does: quiet imports, Agg plots, MKL's fast path on AMD CPUs
+
 
 def repo_files():
     """The files git tracks (what a fresh clone has)."""

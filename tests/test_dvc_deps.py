@@ -47,7 +47,8 @@ def test_every_imported_project_module_is_a_dependency():
     missing = {}
     for name, st in stages.items():
         script = stage_script(st["cmd"])
-        need = {script, "stages/__init__.py"} | project_imports(ROOT / script)  # -m stages.x runs the package first
+        # -m stages.x runs the package (and what it imports) first
+        need = {script, "stages/__init__.py"} | project_imports(ROOT / script) | project_imports(ROOT / "stages/__init__.py")
         lacking = sorted(need - set(st.get("deps", [])))
         if lacking:
             missing[name] = lacking
@@ -80,3 +81,30 @@ def test_a_copy_of_the_repository_runs_its_own_ernie_dpo(tmp_path, monkeypatch):
     env = launch.launch_env()
     r = subprocess.run([sys.executable, "-c", "import ernie_dpo"], cwd="/", env=env, capture_output=True, text=True)
     assert f"ernie_dpo from {tmp_path / 'ernie_dpo'}" in r.stdout, r.stdout + r.stderr
+
+
+def write_deps(path=ROOT / "dvc.yaml"):
+    """Rewrite each stage's code dependencies in dvc.yaml from its imports (data and model deps kept as they are):
+    `python tests/test_dvc_deps.py --write` after adding or moving a module."""
+    import textwrap
+
+    text = Path(path).read_text()
+    for name, st in yaml.safe_load(text)["stages"].items():
+        script = stage_script(st["cmd"])
+        code = {script, "stages/__init__.py"} | project_imports(ROOT / script) | project_imports(ROOT / "stages/__init__.py")
+        code = [script, "stages/__init__.py"] + sorted(code - {script, "stages/__init__.py"})
+        data = [f'"{d}"' if "$" in d else d for d in st["deps"] if not d.endswith(".py")]
+        m = re.search(r"(\n  " + re.escape(name) + r":.*?\n    deps: )\[(.*?)\]\n", text, re.S)
+        block = ("\n" + " " * 11).join(textwrap.wrap("[" + ", ".join(code + data) + "]", width=107,
+                                                     break_on_hyphens=False, break_long_words=False))
+        text = text[:m.start()] + m.group(1) + block + "\n" + text[m.end():]
+    Path(path).write_text(text)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--write"]:
+        write_deps()
+    else:
+        print("python tests/test_dvc_deps.py --write   rewrites dvc.yaml's code deps from the stages' imports")

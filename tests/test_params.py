@@ -89,3 +89,19 @@ def test_help_on_a_stage_script_describes_it_and_runs_nothing(repo, stage):
     assert "dvc.yaml stage" in r.stdout and "inputs:" in r.stdout and "params:" in r.stdout
     assert marker.read_text() == "untouched"
     assert {p: p.read_bytes() for p in (repo / "metrics").glob("*.json")} == metrics  # no stage wrote anything
+
+
+def test_every_parameter_is_declared_once_and_conf_is_generated_from_it():
+    """(issue 34) ernie_dpo/params.py's SCHEMA is the one declaration of each key (type, allowed values, default,
+    one line of help): conf/config.yaml is generated from it, and dvc.yaml's params lists only name declared keys."""
+    import yaml
+    from conftest import ROOT
+
+    from ernie_dpo import params
+
+    assert (ROOT / "conf/config.yaml").read_text() == params.config_yaml(), \
+        "conf/config.yaml differs from SCHEMA: run `python -m ernie_dpo.params --write`"
+    assert all(rule.help for rule in params.SCHEMA.values())
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    listed = {p for st in stages.values() for p in st.get("params", [])}
+    assert listed - set(params.SCHEMA) == set()

@@ -498,3 +498,27 @@ def test_checkpoints_mirror_keeps_two_whole_copies_and_restore_skips_a_half_uplo
 
     assert checkpoint_is_complete(fresh / "train-abc/checkpoint-4")
     assert not (fresh / "train-abc/checkpoint-4" / ck.MANIFEST).exists()  # the engine's folder, as it wrote it
+
+
+def test_wait_reports_each_job_as_it_ends_and_returns_when_all_have():
+    """`series --launcher sky --wait`: polls, names each job as it ends (a failure too), stops when all ended."""
+    from ernie_dpo import cloud
+
+    polls = iter([{"ernie-dpo-exp1": "RUNNING", "ernie-dpo-exp2": "PENDING"},
+                  {"ernie-dpo-exp1": "FAILED_SETUP", "ernie-dpo-exp2": "RECOVERING", "other": "SUCCEEDED"},
+                  {"ernie-dpo-exp1": "FAILED_SETUP", "ernie-dpo-exp2": "SUCCEEDED"}])
+    seen = []
+    final = cloud.wait_for_jobs(["exp1", "exp2"], lambda: next(polls), poll_s=0,
+                                on_end=lambda name, status: seen.append((name, status)))
+    assert final == {"exp1": "FAILED_SETUP", "exp2": "SUCCEEDED"}
+    assert seen == [("exp1", "FAILED_SETUP"), ("exp2", "SUCCEEDED")]  # exp1 named when it ended, not at the end
+
+
+def test_the_bucket_url_pins_the_store():
+    from ernie_dpo import cloud
+
+    assert cloud.bucket_store("s3://my-ckpt") == ("my-ckpt", "s3")
+    assert cloud.bucket_store("gs://my-ckpt/") == ("my-ckpt", "gcs")
+    for bad in ("my-ckpt", "s3://my-ckpt/sub", "ftp://x"):
+        with pytest.raises(ValueError, match="bucket URL"):
+            cloud.bucket_store(bad)
