@@ -4,6 +4,7 @@
     python benchmarks/generation.py --peer-python /path/to/peer-venv/bin/python    # + transformers, same run
     python benchmarks/generation.py --models smol --quick    # fewer prompts
     python benchmarks/generation.py --models smol --modes sampling --generate-prompts 0 --no-memory --peer-python ...
+    python benchmarks/generation.py --models smol --modes sampling --llamacpp-python llama/bin/python   # + llama.cpp
 
 The peer venv: python3 -m venv peer && peer/bin/pip install -r benchmarks/requirements-peer.txt (torch CPU +
 transformers; never part of the main install). Both frameworks get the same token ids (the model's own chat
@@ -145,6 +146,22 @@ def peer(python, model_dir, prompt_ids, stops, batch, max_new, forced, threads):
         return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def llamacpp(python, prompt_ids, parallel, max_new, forced, threads):
+    """llama.cpp on SmolLM2's own GGUF file (benchmarks/peer_llamacpp.py, in a venv with xllamacpp)."""
+    from ernie_dpo import gguf_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps({"gguf": str(gguf_model.locate("smollm2-135m")), "prompts": prompt_ids,
+                                    "parallel": parallel, "max_new": max_new, "forced": forced, "threads": threads,
+                                    "seed": 2025}))
+        r = subprocess.run([python, str(ROOT / "benchmarks/peer_llamacpp.py"), str(spec)], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"llama.cpp benchmark failed:\n{r.stderr[-3000:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def peak_rss(model_dir, n_prompts, max_new):
     """Peak RSS (GB) of a fresh process answering n_prompts (local inference, batch 8)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,6 +184,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["tiny", "smol"], choices=["tiny", "smol"])
     ap.add_argument("--peer-python", help="interpreter of a venv with benchmarks/requirements-peer.txt")
+    ap.add_argument("--llamacpp-python", help="interpreter of a venv with xllamacpp: + llama.cpp on SmolLM2's own "
+                                              "GGUF file (benchmarks/peer_llamacpp.py), parallel slots = batch")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--prompts-from", choices=["real", "sample"], default="real")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
@@ -213,26 +232,31 @@ def main():
                 if args.peer_python:
                     figures[("transformers", batch)] = peer(args.peer_python, d, ids, stops, batch, args.max_new,
                                                             forced, o["threads"])
-                for fw in ("ours", "transformers"):  # as measured, so a long run shows its progress
+                if args.llamacpp_python and name == "smol":
+                    figures[("llama.cpp", batch)] = llamacpp(args.llamacpp_python, ids, batch, args.max_new, forced,
+                                                             o["threads"])
+                for fw in ("ours", "transformers", "llama.cpp"):  # as measured, so a long run shows its progress
                     if (fw, batch) in figures:
                         f = figures[(fw, batch)]
                         print(f"  {name} {fw} {mode} batch {batch}: {f['tokens']} new tokens in {f['seconds']:.1f} s "
                               f"= {f['tokens'] / f['seconds']:.1f} new tokens/s", flush=True)
             best = {}
-            for fw in ("ours", "transformers"):
+            for fw in ("ours", "transformers", "llama.cpp"):
                 if (fw, args.batches[0]) not in figures:
                     continue
                 tps = {b: figures[(fw, b)]["tokens"] / figures[(fw, b)]["seconds"] for b in args.batches}
                 best[fw] = max(tps.values())
-                fw_name = ("this project (PaddleFormers model, ernie_dpo.decode)" if fw == "ours"
-                           else "transformers + torch (generate, left-padded batches)")
+                fw_name = {"ours": "this project (PaddleFormers model, ernie_dpo.decode)",
+                           "transformers": "transformers + torch (generate, left-padded batches)",
+                           "llama.cpp": "llama.cpp (xllamacpp) on its 4-bit GGUF, parallel slots = batch"}[fw]
                 for b in args.batches:
                     f = figures[(fw, b)]
                     rows.append([name, fw_name, mode, b, f"{f['replies'] / f['seconds']:.3f}", f"{tps[b]:.1f}",
                                  f"{f['seconds']:.0f}", f["tokens"]])
-            if len(best) == 2:
-                rows.append([name, "ratio of best new tokens/s, ours / transformers", mode, "", "", "", "",
-                             f"{best['ours'] / best['transformers']:.2f}x"])
+            for peer_name in ("transformers", "llama.cpp"):
+                if peer_name in best:
+                    rows.append([name, f"ratio of best new tokens/s, ours / {peer_name}", mode, "", "", "", "",
+                                 f"{best['ours'] / best[peer_name]:.2f}x"])
     if args.generate_prompts and not args.memory_only:
         for name, d in dirs.items():
             sub = fitting[name][:args.generate_prompts]
