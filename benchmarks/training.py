@@ -141,7 +141,10 @@ def project(model_dir, pairs, mode, tr, steps, work):
                 got["peak_kb"] = max(vm_hwm_kb(p) for p in pid)
 
     start = time.time()
-    launch.run(cmd, work / "train.log", on_step, on_line=on_line)
+    from ernie_dpo import engine_main
+
+    launch.run(cmd, work / "train.log", on_step, on_line=on_line,  # as the train stage: train.reference_once
+               env={engine_main.REF_ONCE_ENV: "1" if tr.get("reference_once", True) else "0"})
     got["seconds"] = time.time() - start
     return got
 
@@ -191,6 +194,8 @@ def main():
     ap.add_argument("--threads", type=int, help="CPU cores for both frameworks (default: every core of this process)")
     ap.add_argument("--peer-python", help="interpreter of a venv with benchmarks/requirements-peer.txt")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 8 pairs, 1 repeat")
+    ap.add_argument("--reference-once", choices=["on", "off"],
+                    help="this project's train.reference_once (default: the smol profile's value)")
     ap.add_argument("--cache", default=str(ROOT / ".bench_cache"), help="where the converted SmolLM2 is kept")
     args = ap.parse_args()
     if args.quick:
@@ -207,6 +212,8 @@ def main():
 
     params = smol_settings()
     tr = params["train"]
+    if args.reference_once:
+        tr["reference_once"] = args.reference_once == "on"
     model_dir = smol_dir(args.cache)
     kept = training_pairs(params, AutoTokenizer.from_pretrained(str(model_dir)))
     n = args.pairs or args.steps * int(tr["global_batch_size"])

@@ -59,6 +59,134 @@ def _each_pair_once():
     BaseDPODataSet._generate_sequences = generate
 
 
+REF_ONCE_ENV = "ERNIE_DPO_REFERENCE_ONCE"  # "1": the train stage asks for reference log-probs computed once
+
+
+def _pair_key(seq):
+    """A pair's identity for the reference cache: a hash of the token ids and the labels it is scored on."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.blake2b(digest_size=8)
+    for part in (seq.token_ids, seq.response_labels, seq.response_index):
+        h.update(np.asarray(part, dtype="int64").tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def _reference_logps_once():
+    """The reference model's log-probs of every training pair computed in one pass before step 1, not again at
+    every step (TRL's precompute_ref_log_probs). The reference is frozen (a copy of the base model for full
+    fine-tuning, the model with its adapter disabled for LoRA), so its log-probs of a pair never change; PaddleFormers
+    1.2 recomputes them at each step (DPOTrainer.get_batch_metrics: one reference forward per pair per step).
+
+    - the collator tags each batch with its pairs' keys (_pair_key, in response_indexs' order), which get_batch_metrics
+      looks up; a batch with any pair not in the cache (held-out pairs, an eval pass) takes the engine's own path;
+    - the pass walks the training records themselves (mix_datasets.data), not the dataset's iterator, whose shuffle
+      state would then change the training order; batches of per_device_train_batch_size pairs, as training forms;
+    - not with ref_model_update_steps (the reference then changes), reference_free, pipeline parallelism or the
+      model-side criterion. Checked: step-1 and step-2 losses equal to the recomputed path (tests/test_engine.py).
+    """
+    import copy
+
+    import numpy as np
+    import paddle
+    from paddleformers.cli.train.dpo import dpo_trainer, workflow
+
+    trainer_cls = dpo_trainer.DPOTrainer
+    if getattr(trainer_cls.get_batch_metrics, "_ernie_dpo", False):
+        return
+    original_collate = workflow.dpo_collate_fn
+
+    def collate_with_keys(batch, *args, **kwargs):
+        out = original_collate(batch, *args, **kwargs)
+        out["ref_pair_keys"] = np.asarray([_pair_key(s) for seqs in batch for s in seqs], dtype="int64")
+        return out
+
+    workflow.dpo_collate_fn = collate_with_keys
+
+    def eligible(self):
+        c = self.dpo_config
+        return (not self.model_with_dpo_criterion and not c.reference_free and c.ref_model_update_steps <= 0
+                and getattr(self.args, "pipeline_model_parallel_size", 1) <= 1)
+
+    def reference(self, model, dpo_inputs, labels):
+        with paddle.no_grad():
+            if self.dpo_config.lora:
+                self.disable_lora(model)
+                model.eval()
+                logits = model(**dpo_inputs)
+                self.enable_lora(model)
+                model.train()
+            else:
+                logits = self.ref_model_wrapped(**dpo_inputs)
+            return self.dpo_criterion(logits, labels[:2] + (None, None))
+
+    def inputs_of(batch):
+        keys = ("input_ids", "position_ids", "attention_mask", "attn_mask_start_row_indices",
+                "attn_mask_startend_row_indices")
+        out = {k: batch[k] for k in keys[:2]}
+        for k in keys[2:]:
+            if k in batch:
+                return {**out, k: batch[k]}
+        return out
+
+    def precompute(self, model):
+        ds = self.train_dataset
+        records = getattr(getattr(ds, "mix_datasets", None), "data", None)
+        if records is None:
+            return None
+        seqs = []
+        for example in records:
+            seq = ds._postprocess_sequence(copy.deepcopy(example))
+            if seq is not None:
+                seqs.append(seq)
+        size, cache = max(1, int(self.args.per_device_train_batch_size)), {}
+        for i in range(0, len(seqs), size):
+            batch = self.data_collator([[s] for s in seqs[i:i + size]])  # numpy, as the data loader gets it
+            batch = self._prepare_inputs({k: paddle.to_tensor(v) if isinstance(v, np.ndarray) else v
+                                          for k, v in batch.items()})
+            keys = batch.pop("ref_pair_keys")
+            c, r = reference(self, model, inputs_of(batch), (batch["response_labels"], batch["response_indexs"]))
+            c32, r32 = c.astype("float32").numpy().ravel(), r.astype("float32").numpy().ravel()
+            for k, cv, rv in zip(np.asarray(keys).ravel().tolist(), c32, r32):
+                cache[int(k)] = (float(cv), float(rv))
+        print(f"ERNIE_DPO_REFERENCE_ONCE {len(cache)} pairs' reference log-probs computed once", flush=True)
+        return {"values": cache, "dtype": c.dtype}
+
+    original_compute_loss = trainer_cls.compute_loss
+
+    def compute_loss(self, model, inputs):
+        if not hasattr(self, "_ernie_dpo_reference"):
+            self._ernie_dpo_reference = precompute(self, model) if eligible(self) else None
+        return original_compute_loss(self, model, inputs)
+
+    original_metrics = trainer_cls.get_batch_metrics
+
+    def get_batch_metrics(self, ref_model, model, batch, train_eval="train"):
+        keys = batch.pop("ref_pair_keys", None)
+        cache = getattr(self, "_ernie_dpo_reference", None)
+        keys = [] if keys is None else np.asarray(keys).ravel().tolist()
+        if not cache or not keys or not all(int(k) in cache["values"] for k in keys):
+            return original_metrics(self, ref_model, model, batch, train_eval)
+        if not cache.get("used"):
+            cache["used"] = True
+            print("ERNIE_DPO_REFERENCE_ONCE training steps read the reference log-probs from the cache", flush=True)
+        values = [cache["values"][int(k)] for k in keys]
+        ref_c = paddle.to_tensor(np.asarray([v[0] for v in values], dtype="float32")).astype(cache["dtype"])
+        ref_r = paddle.to_tensor(np.asarray([v[1] for v in values], dtype="float32")).astype(cache["dtype"])
+        labels = (batch["response_labels"], batch["response_indexs"], ref_c, ref_r)
+        logits = model(**inputs_of(batch))
+        policy_c, policy_r, sft_loss, dpo_loss, loss = self.dpo_criterion(logits, labels)
+        self.log_metric(reference_chosen_logps=ref_c, reference_rejected_logps=ref_r, policy_chosen_logps=policy_c,
+                        policy_rejected_logps=policy_r, dpo_loss=dpo_loss, sft_loss=sft_loss, train_eval=train_eval)
+        return loss
+
+    get_batch_metrics._ernie_dpo = True
+    trainer_cls.compute_loss = compute_loss
+    trainer_cls.get_batch_metrics = get_batch_metrics
+
+
 def _engine_main(argv):
     """Start the engine's launcher in this process: the CPU path of launch_command, and each GPU worker.
 
@@ -76,6 +204,8 @@ def _engine_main(argv):
     4. On a CPU: every core, and the cheaper RMSNorm / rotary kernels (fast_cpu).
     5. Reply-length probes while training (length_probe), when the stage wrote their spec beside the YAML.
     5b. Each pair once per pass (_each_pair_once), not the last one twice.
+    5c. With ERNIE_DPO_REFERENCE_ONCE=1 (train.reference_once): the reference log-probs of every training pair
+        computed once before step 1 (_reference_logps_once), not at every step.
     6. A GPU worker (started by the launcher in a session of its own) dies with the launcher, as the launcher dies
        with the stage.
     """
@@ -93,6 +223,8 @@ def _engine_main(argv):
         from ernie_dpo import length_probe
 
         length_probe.install(argv[1])  # when the train stage asked for reply-length probes (a spec beside the YAML)
+    if os.environ.get(REF_ONCE_ENV) == "1" and argv[0] == "train":
+        _reference_logps_once()
     _first_load_ignores_checkpoint_format()
     _lora_evaluation_without_paddlefleet()
     if int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) == 1:

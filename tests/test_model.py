@@ -229,3 +229,30 @@ def test_a_run_that_makes_replies_longer_is_seen_and_stopped(tiny_repo):
     metrics = json.loads((repo.root / "metrics/train.json").read_text())["dpo"]
     assert metrics["stopped_early"] is True and metrics["steps_done"] < 30
     assert (repo.root / "metrics/plots/dpo_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("fine_tuning", ["full", "lora"])
+def test_reference_log_probs_computed_once_train_to_the_same_losses(tiny_base, dpo_data, tmp_path, fine_tuning):
+    """(issue 33) The frozen reference's log-probs of every pair computed once before step 1 (engine_main.
+    _reference_logps_once) instead of at every step: the same loss, margins and accuracies at every step (3 steps,
+    so pairs are seen again), in full fine-tuning (a reference copy) and LoRA (the adapter disabled)."""
+    from ernie_dpo import engine_main
+
+    cfg = engine.dpo_config(tiny_base, dpo_data, tmp_path / "out", "cpu",
+                            {**TRAIN, "fine_tuning": fine_tuning, "max_steps": 6, "global_batch_size": 4})
+    cmd = launch.launch_command("train", engine.write_config(cfg, tmp_path / "d.yaml"), "cpu")
+    runs = {}
+    for once in ("0", "1"):
+        steps = []
+        launch.run(cmd, tmp_path / f"{once}.log", steps.append, env={engine_main.REF_ONCE_ENV: once})
+        runs[once] = [[s[k] for k in ("global_step", "loss", "rewards/margins", "rewards/accuracies",
+                                      "logps/chosen")] for s in steps if "loss" in s]
+    import re
+
+    once = re.search(r"ERNIE_DPO_REFERENCE_ONCE (\d+) pairs' reference log-probs computed once",
+                     (tmp_path / "1.log").read_text())
+    assert once and int(once.group(1)) > 0  # the pairs that fit max_seq_len (the engine skips the others)
+    assert "steps read the reference log-probs from the cache" in (tmp_path / "1.log").read_text()  # used, not skipped
+    assert "computed once" not in (tmp_path / "0.log").read_text()
+    assert len(runs["1"]) == 6 and [r[0] for r in runs["1"]] == [1, 2, 3, 4, 5, 6]
+    assert np.allclose(runs["0"], runs["1"], rtol=0, atol=2e-5), (runs["0"], runs["1"])
