@@ -86,6 +86,9 @@ def main():
         max_length=None,  # the ids already fit max_seq_len (fit_pairs): TRL must not cut them again
         bf16=False, fp16=False,  # float32 like the engine on a CPU (TRL's default is bf16)
         gradient_checkpointing=False,  # TRL turns it on by default; the engine does not recompute
+        # the reference log-probs once, before training, as the engine's train.reference_once (TRL then holds no
+        # reference model); padding_free is no option: TRL 1.16 warns and falls back to padding
+        precompute_ref_log_probs=spec["precompute_ref"],
         train_sampling_strategy="sequential",  # the engine's order (random_shuffle off): the same batches per step
         seed=spec["seed"],
         use_cpu=True,

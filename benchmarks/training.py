@@ -21,9 +21,17 @@ beta, sigmoid loss + sft_loss_ratio x chosen NLL, batch, no gradient accumulatio
 --modes full (every weight) and lora (rank train.lora_rank, alpha 2 x rank and PaddleFormers' Llama target modules).
 
 Figures per framework and mode: s/step (median of the end-to-end intervals from step 3 on, all repeats pooled),
-loop s (the trainer's own train_runtime), wall s (process start to exit: imports, model load, loop, saving the
-trained weights), peak RSS of the training process through its last step (VmHWM), and loss at step 1 and at the last
-step; then project / TRL ratios. Step 1 is the same batch and weights on both sides with the same loss formula
+tokens per step and s per 1 000 tokens (steps 3+; step_tokens), loop s (the trainer's own train_runtime), wall s
+(process start to exit: imports, model load, loop, saving the trained weights), peak RSS of the training process
+through its last step (VmHWM), and loss at step 1 and at the last step; then project / TRL ratios.
+Tokens: "processed" = rows x padded width of the forward pass each framework runs (the engine: one row per pair,
+prompt + chosen + rejected packed, padded to the batch's longest pair; TRL: prompt + chosen and prompt + rejected
+as two rows, padded to the batch's longest row), "pair" = prompt + chosen + rejected tokens (the same on both
+sides). Packing is the engine's design, so s/step is the user's figure; s per 1 000 processed tokens compares the
+two forward/backward implementations on equal work.
+Reference log-probs: computed once before training on both sides (train.reference_once; TRL's
+precompute_ref_log_probs), unless --reference-once off (then both recompute them at every step).
+Step 1 is the same batch and weights on both sides with the same loss formula
 (benchmarks/peer_trl.py), so the two step-1 losses differ only by the two forward passes' numerics (measured at
 max_seq_len 768: 2.6218 vs 2.6125, PaddleFormers' summed log-probs 0.1-0.9% below transformers' on the same ids).
 
@@ -92,6 +100,14 @@ def training_pairs(params, tokenizer):
     return kept
 
 
+def cpu_name():
+    """The CPU's model name (Linux /proc/cpuinfo), to say which machine the figures come from."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def vm_hwm_kb(pid):
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
@@ -157,7 +173,8 @@ def peer(python, model_dir, pairs, mode, tr, steps, threads, work):
         "pairs": [p["token_ids"] for p in pairs], "batch": int(tr["global_batch_size"]),
         "learning_rate": float(tr["learning_rate"]), "warmup_steps": int(tr["warmup_steps"]),
         "beta": float(tr["beta"]), "sft_loss_ratio": float(tr["sft_loss_ratio"]), "seed": int(tr["seed"]),
-        "lora_rank": int(tr["lora_rank"]), "lora_alpha": 2 * int(tr["lora_rank"]), "lora_targets": LORA_TARGETS}))
+        "lora_rank": int(tr["lora_rank"]), "lora_alpha": 2 * int(tr["lora_rank"]), "lora_targets": LORA_TARGETS,
+        "precompute_ref": bool(tr.get("reference_once", True))}))
     start = time.time()
     r = subprocess.run([python, str(ROOT / "benchmarks/peer_trl.py"), str(spec)], capture_output=True, text=True)
     (work / "train.log").write_text(r.stderr + r.stdout)  # stdout: TRL's per-step metrics, then the figures
@@ -174,9 +191,32 @@ def step_seconds(run):
     return [t[k] - t[k - 1] for k in range(2, len(t))]
 
 
-def summary(runs):
+def step_tokens(pairs, batch, steps, side):
+    """[(processed, pair tokens)] of each step: batches of `batch` pairs in file order, pass after pass (both
+    sides read the pairs sequentially; --pairs is a multiple of the batch, so every batch is full)."""
+    out = []
+    for k in range(steps):
+        rows = [pairs[(k * batch + i) % len(pairs)]["token_ids"] for i in range(batch)]
+        pair_tokens = [len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"]) for r in rows]
+        if side == "project":  # one packed row per pair
+            processed = len(rows) * max(pair_tokens)
+        else:  # two rows per pair
+            widths = [len(r["prompt"]) + len(r[a]) for r in rows for a in ("chosen", "rejected")]
+            processed = len(widths) * max(widths)
+        out.append((processed, sum(pair_tokens)))
+    return out
+
+
+def summary(runs, tokens):
     per_step = [s for r in runs for s in step_seconds(r)]
+    counted = tokens[2:]  # steps 3..N, as step_seconds
+    seconds = sum(sum(step_seconds(r)) for r in runs) / len(runs)
     return {"step": statistics.median(per_step) if per_step else float("nan"),
+            "processed": sum(p for p, _ in counted) / len(counted),
+            "pair_tokens": sum(t for _, t in counted) / len(counted),
+            "s_per_1k": 1000 * seconds / sum(p for p, _ in counted),
+            "s_per_1k_pair": 1000 * seconds / sum(t for _, t in counted),
+            "step_intervals": per_step,
             "loop": [r["train_runtime"] for r in runs], "wall": [r["seconds"] for r in runs],
             "peak": max(r["peak_kb"] for r in runs) / 1024 / 1024, "first": runs[0]["losses"][0],
             "last": runs[0]["losses"][-1], "steps": len(runs[0]["losses"]), "trainable": runs[0]["trainable"]}
@@ -189,7 +229,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--pairs", type=int, help="pairs trained on (default: steps x batch, every pair once)")
+    ap.add_argument("--pairs", type=int, help="pairs trained on (default: steps x batch, every pair once, or as "
+                    "many of the profile's pairs as fill whole batches)")
+    ap.add_argument("--json", help="also write the figures (and every step interval) to this json file")
     ap.add_argument("--repeats", type=int, default=2, help="runs per framework and mode, alternated")
     ap.add_argument("--threads", type=int, help="CPU cores for both frameworks (default: every core of this process)")
     ap.add_argument("--peer-python", help="interpreter of a venv with benchmarks/requirements-peer.txt")
@@ -216,8 +258,9 @@ def main():
         tr["reference_once"] = args.reference_once == "on"
     model_dir = smol_dir(args.cache)
     kept = training_pairs(params, AutoTokenizer.from_pretrained(str(model_dir)))
-    n = args.pairs or args.steps * int(tr["global_batch_size"])
-    pairs = sample_down(kept, min(n, len(kept)), 2025)
+    batch = int(tr["global_batch_size"])
+    n = min(args.pairs or args.steps * batch, len(kept))
+    pairs = sample_down(kept, n - n % batch if n >= batch else n, 2025)  # whole batches: every step is `batch` pairs
     lens = sorted(sum(map(len, p["token_ids"].values())) for p in pairs)
     print(f"SmolLM2-135M (4-bit GGUF dequantized, fp32), {params['data']['raw_path']}: {len(pairs)} of the smol "
           f"profile's {len(kept)} training pairs, prompt+chosen+rejected {lens[0]}-{lens[-1]} tokens (median "
@@ -245,29 +288,46 @@ def main():
                     shutil.rmtree(work)  # the trained weights (0.5 GB for a full run)
                     runs.setdefault((mode, side), []).append(got)
 
-    rows = []
+    rows, report = [], {}
     for mode in args.modes:
-        figures = {side: summary(runs[(mode, side)]) for side in ("project", "TRL") if (mode, side) in runs}
+        figures = {side: summary(runs[(mode, side)], step_tokens(pairs, batch, args.steps, side))
+                   for side in ("project", "TRL") if (mode, side) in runs}
+        report[mode] = figures
         for side, f in figures.items():
             name = ("this project (PaddleFormers engine)" if side == "project" else "TRL DPOTrainer + torch")
-            rows.append([mode, name, f"{f['step']:.2f}", " / ".join(f"{x:.1f}" for x in f["loop"]),
+            rows.append([mode, name, f"{f['step']:.2f}", f"{f['processed']:.0f}", f"{f['s_per_1k']:.2f}",
+                         f"{f['s_per_1k_pair']:.2f}", " / ".join(f"{x:.1f}" for x in f["loop"]),
                          " / ".join(f"{x:.0f}" for x in f["wall"]), f"{f['peak']:.2f}", f"{f['first']:.4f}",
                          f"{f['last']:.4f}", f["steps"], f"{f['trainable']:,}"])
         if len(figures) == 2:
             p, t = figures["project"], figures["TRL"]
-            rows.append([mode, "ratio project / TRL", f"{p['step'] / t['step']:.2f}x",
-                         f"{statistics.median(p['loop']) / statistics.median(t['loop']):.2f}x",
-                         f"{statistics.median(p['wall']) / statistics.median(t['wall']):.2f}x",
-                         f"{p['peak'] / t['peak']:.2f}x", "", "", "", ""])
+            ratios = {"s_per_step": p["step"] / t["step"], "processed": p["processed"] / t["processed"],
+                      "s_per_1k": p["s_per_1k"] / t["s_per_1k"],
+                      "s_per_1k_pair": p["s_per_1k_pair"] / t["s_per_1k_pair"],
+                      "loop": statistics.median(p["loop"]) / statistics.median(t["loop"]),
+                      "wall": statistics.median(p["wall"]) / statistics.median(t["wall"]),
+                      "peak": p["peak"] / t["peak"]}
+            report[mode]["ratio"] = {k: round(v, 3) for k, v in ratios.items()}
+            rows.append([mode, "ratio project / TRL"] + [f"{ratios[k]:.2f}x" for k in
+                                                         ("s_per_step", "processed", "s_per_1k", "s_per_1k_pair",
+                                                          "loop", "wall", "peak")] + ["", "", "", ""])
     versions = f"paddlepaddle {version('paddlepaddle')}, paddleformers {version('paddleformers')}"
     peer_runs = [r for (_, side), rs in runs.items() if side == "TRL" for r in rs]
     if peer_runs:
         versions += ", " + ", ".join(f"{k} {v}" for k, v in peer_runs[0]["versions"].items())
-    print(f"\nmachine: {platform.machine()}, {threads} threads for both frameworks, Python {platform.python_version()}; "
+    print(f"\nmachine: {cpu_name()} ({platform.machine()}), {threads} threads for both frameworks, "
+          f"Python {platform.python_version()}; "
           f"{versions}")
-    print(tabulate(rows, headers=["mode", "framework", "s/step (median, step 3+)", "loop s", "wall s",
-                                  "peak RSS GB", "loss step 1", "loss last", "steps", "trainable params"]))
+    print(tabulate(rows, headers=["mode", "framework", "s/step (median, step 3+)", "tokens processed/step",
+                                  "s/1k processed tokens", "s/1k pair tokens", "loop s", "wall s", "peak RSS GB",
+                                  "loss step 1", "loss last", "steps", "trainable params"]))
     print(f"logs of each run: {logs}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "machine": {"cpu": cpu_name(), "threads": threads, "python": platform.python_version()},
+            "versions": versions, "pairs": len(pairs), "steps": args.steps, "repeats": args.repeats,
+            "batch": batch, "reference_once": bool(tr.get("reference_once", True)), "figures": report},
+            indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -388,6 +388,19 @@ class Row:
         self.out = []
 
 
+def lm_logits(model, hidden):
+    """The LM head's logits for `hidden`. In the training engine on a CPU the head is fused with the loss
+    (engine.CPU_SETTINGS: use_fused_head_and_loss_fn, so the loss computes logits only where an answer token is
+    scored): lm_head then returns its inputs, and this applies it as the engine's unfused path does."""
+    head = model.lm_head
+    if head.config.get("use_fused_head_and_loss_fn", False):
+        from paddleformers.nn.criterion.loss_utils import calc_lm_head_logits
+
+        return calc_lm_head_logits(head.config, hidden, head.weight, head.bias, None, training=False,
+                                   gather_hidden_states=True)
+    return head(hidden)
+
+
 def _forward(model, ids, positions, mask, cache):
     """Hidden state of the last position -> logits [B, vocab] (a Paddle tensor on the model's device)."""
     import paddle
@@ -395,7 +408,7 @@ def _forward(model, ids, positions, mask, cache):
     out = model.model(input_ids=paddle.to_tensor(ids), position_ids=paddle.to_tensor(positions),
                       attention_mask=paddle.to_tensor(mask), past_key_values=cache, use_cache=True, return_dict=True)
     h = out.last_hidden_state[:, -1:, :]
-    return model.lm_head(h)[:, -1, :]
+    return lm_logits(model, h)[:, -1, :]
 
 
 def prefill(model, n_layers, items, pad_id):
@@ -521,7 +534,7 @@ def answer_logps(model, prompt_ids, answer_ids):
         for start in range(0, len(answer_ids), ANSWER_CHUNK):
             at = len(prompt_ids) - 1 + start
             chunk = list(answer_ids[start:start + ANSWER_CHUNK])
-            logits = model.lm_head(hidden[:, at:at + len(chunk), :]).astype("float32")[0]
+            logits = lm_logits(model, hidden[:, at:at + len(chunk), :]).astype("float32")[0]
             # log-softmax as logits - logsumexp: Paddle 3.3's CPU log_softmax kernel took 135 s for [444, 49152]
             logp = logits - paddle.logsumexp(logits, axis=-1, keepdim=True)
             picked = paddle.take_along_axis(logp, paddle.to_tensor(np.asarray(chunk, dtype="int64")[:, None]), 1)

@@ -59,6 +59,27 @@ def _each_pair_once():
     BaseDPODataSet._generate_sequences = generate
 
 
+def _fused_head_through_model_outputs():
+    """With use_fused_head_and_loss_fn (engine.CPU_SETTINGS) the LM head returns (hidden states, weight, bias,
+    transpose_y) and the DPO loss applies it to the scored positions only. PaddleFormers 1.2's DPO loss unpacks that
+    tuple only when the model returns it bare (Llama: return_dict False); ERNIE 4.5's causal LM returns a model
+    output object by default, whose .logits is the tuple, and the loss then treated the object as logits
+    ("gather" on it fails). Here the tuple is taken out of such an object first."""
+    from paddleformers.nn.criterion import dpo_loss
+
+    original = dpo_loss.dpo_preprocess_inputs
+    if getattr(original, "_ernie_dpo", False):
+        return
+
+    def preprocess(self, logits, labels):
+        if isinstance(getattr(logits, "logits", None), tuple):
+            logits = logits.logits
+        return original(self, logits, labels)
+
+    preprocess._ernie_dpo = True
+    dpo_loss.dpo_preprocess_inputs = preprocess
+
+
 REF_ONCE_ENV = "ERNIE_DPO_REFERENCE_ONCE"  # "1": the train stage asks for reference log-probs computed once
 
 
@@ -81,11 +102,14 @@ def _reference_logps_once():
     1.2 recomputes them at each step (DPOTrainer.get_batch_metrics: one reference forward per pair per step).
 
     - the collator tags each batch with its pairs' keys (_pair_key, in response_indexs' order), which get_batch_metrics
-      looks up; a batch with any pair not in the cache (held-out pairs, an eval pass) takes the engine's own path;
-    - the pass walks the training records themselves (mix_datasets.data), not the dataset's iterator, whose shuffle
-      state would then change the training order; batches of per_device_train_batch_size pairs, as training forms;
+      looks up; a batch with any pair not in the cache takes the engine's own path;
+    - the pass walks the training and held-out records themselves (mix_datasets.data), not the datasets' iterators,
+      whose shuffle state would then change the training order; in batches of the size training (evaluation) uses;
+    - full fine-tuning: once every pair is cached the reference copy of the model is not needed any more, and its
+      weights are freed (one model's worth of memory less for the whole run); a batch that would still need it then
+      stops the run with the pair's key instead of reading freed weights. LoRA's reference is the model itself;
     - not with ref_model_update_steps (the reference then changes), reference_free, pipeline parallelism or the
-      model-side criterion. Checked: step-1 and step-2 losses equal to the recomputed path (tests/test_engine.py).
+      model-side criterion. Checked: losses, margins, log-probs equal to the recomputed path (tests/test_model.py).
     """
     import copy
 
@@ -131,28 +155,42 @@ def _reference_logps_once():
                 return {**out, k: batch[k]}
         return out
 
-    def precompute(self, model):
-        ds = self.train_dataset
+    def sequences(ds):
         records = getattr(getattr(ds, "mix_datasets", None), "data", None)
         if records is None:
             return None
-        seqs = []
-        for example in records:
-            seq = ds._postprocess_sequence(copy.deepcopy(example))
-            if seq is not None:
-                seqs.append(seq)
-        size, cache = max(1, int(self.args.per_device_train_batch_size)), {}
-        for i in range(0, len(seqs), size):
-            batch = self.data_collator([[s] for s in seqs[i:i + size]])  # numpy, as the data loader gets it
-            batch = self._prepare_inputs({k: paddle.to_tensor(v) if isinstance(v, np.ndarray) else v
-                                          for k, v in batch.items()})
-            keys = batch.pop("ref_pair_keys")
-            c, r = reference(self, model, inputs_of(batch), (batch["response_labels"], batch["response_indexs"]))
-            c32, r32 = c.astype("float32").numpy().ravel(), r.astype("float32").numpy().ravel()
-            for k, cv, rv in zip(np.asarray(keys).ravel().tolist(), c32, r32):
-                cache[int(k)] = (float(cv), float(rv))
-        print(f"ERNIE_DPO_REFERENCE_ONCE {len(cache)} pairs' reference log-probs computed once", flush=True)
-        return {"values": cache, "dtype": c.dtype}
+        seqs = [ds._postprocess_sequence(copy.deepcopy(example)) for example in records]
+        return [s for s in seqs if s is not None]
+
+    def precompute(self, model):
+        train = sequences(self.train_dataset)
+        if train is None:
+            return None
+        held_out = sequences(self.eval_dataset) if self.eval_dataset is not None else []
+        cache, dtype = {}, None
+        for seqs, size in ((train, self.args.per_device_train_batch_size),
+                           (held_out or [], self.args.per_device_eval_batch_size)):  # batches as each loop forms them
+            size = max(1, int(size))
+            for i in range(0, len(seqs), size):
+                batch = self.data_collator([[s] for s in seqs[i:i + size]])  # numpy, as the data loader gets it
+                batch = self._prepare_inputs({k: paddle.to_tensor(v) if isinstance(v, np.ndarray) else v
+                                              for k, v in batch.items()})
+                keys = batch.pop("ref_pair_keys")
+                c, r = reference(self, model, inputs_of(batch), (batch["response_labels"], batch["response_indexs"]))
+                c32, r32 = c.astype("float32").numpy().ravel(), r.astype("float32").numpy().ravel()
+                for k, cv, rv in zip(np.asarray(keys).ravel().tolist(), c32, r32):
+                    cache[int(k)] = (float(cv), float(rv))
+                dtype = c.dtype
+        freed = False
+        if held_out is not None and not self.dpo_config.lora and self.ref_model is not None:
+            # every pair training or evaluation will see is cached: the reference copy's weights are not needed.
+            # Freed in place (the engine's workflow still holds the model object until training returns).
+            for t in list(self.ref_model.parameters()) + list(self.ref_model.buffers()):
+                t._clear_data()
+            freed = True
+        print(f"ERNIE_DPO_REFERENCE_ONCE {len(cache)} pairs' reference log-probs computed once"
+              + ("; the reference copy of the model freed" if freed else ""), flush=True)
+        return {"values": cache, "dtype": dtype, "freed": freed}
 
     original_compute_loss = trainer_cls.compute_loss
 
@@ -168,6 +206,11 @@ def _reference_logps_once():
         cache = getattr(self, "_ernie_dpo_reference", None)
         keys = [] if keys is None else np.asarray(keys).ravel().tolist()
         if not cache or not keys or not all(int(k) in cache["values"] for k in keys):
+            if cache and cache["freed"]:
+                missing = next(int(k) for k in keys if int(k) not in cache["values"]) if keys else None
+                raise RuntimeError(f"reference_once: a {train_eval} batch holds a pair (key {missing}) that was not "
+                                   "in the precomputed reference log-probs, and the reference model was freed; "
+                                   "rerun with -S train.reference_once=false")
             return original_metrics(self, ref_model, model, batch, train_eval)
         if not cache.get("used"):
             cache["used"] = True
@@ -203,7 +246,8 @@ def _engine_main(argv):
        process there is nothing to distribute.
     4. On a CPU: every core, and the cheaper RMSNorm / rotary kernels (fast_cpu).
     5. Reply-length probes while training (length_probe), when the stage wrote their spec beside the YAML.
-    5b. Each pair once per pass (_each_pair_once), not the last one twice.
+    5b. Each pair once per pass (_each_pair_once), not the last one twice; the LM head fused with the loss for
+        ERNIE's model outputs too (_fused_head_through_model_outputs).
     5c. With ERNIE_DPO_REFERENCE_ONCE=1 (train.reference_once): the reference log-probs of every training pair
         computed once before step 1 (_reference_logps_once), not at every step.
     6. A GPU worker (started by the launcher in a session of its own) dies with the launcher, as the launcher dies
@@ -219,6 +263,7 @@ def _engine_main(argv):
             sys.exit("engine worker: the launcher that started this worker has exited")
     tokens.install_engine_hooks()
     _each_pair_once()
+    _fused_head_through_model_outputs()
     if argv[0] == "train":
         from ernie_dpo import length_probe
 

@@ -232,9 +232,10 @@ SCHEMA = {
         "> 0 adds that times the chosen answer's NLL to the DPO loss (anchors the chosen answers)"),
     "train.normalize_logps": P(Bool(), True,
         'ERNIEKit\'s default (PaddleFormers 1.2\'s is false): each answer\'s log-probability rescaled to the pair\'s mean answer length, so a long rejected answer is not "unlikely" for being long (docs/erniekit_parity.md)'),
-    "train.reference_once": P(Bool(), False,
-        "true: the frozen reference model's log-probs of each training pair computed once before step 1, not at "
-        "every step (same losses up to float rounding, tested; docs/engine.md); false: the engine's per-step path"),
+    "train.reference_once": P(Bool(), True,
+        "true: the frozen reference model's log-probs of each training and held-out pair computed once before step 1, "
+        "not at every step, and a full fine-tuning's reference copy freed (same losses up to float rounding, tested; "
+        "docs/engine.md); false: the engine's per-step path"),
     "train.lora_rank": P(Int(1), 8,
         'LoRA alpha is not a parameter: PaddleFormers 1.2 DPO always uses 2 x lora_rank'),
     "train.seed": P(Int(0), 42,

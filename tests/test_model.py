@@ -234,25 +234,37 @@ def test_a_run_that_makes_replies_longer_is_seen_and_stopped(tiny_repo):
 @pytest.mark.parametrize("fine_tuning", ["full", "lora"])
 def test_reference_log_probs_computed_once_train_to_the_same_losses(tiny_base, dpo_data, tmp_path, fine_tuning):
     """(issue 33) The frozen reference's log-probs of every pair computed once before step 1 (engine_main.
-    _reference_logps_once) instead of at every step: the same loss, margins and accuracies at every step (3 steps,
-    so pairs are seen again), in full fine-tuning (a reference copy) and LoRA (the adapter disabled)."""
+    _reference_logps_once) instead of at every step: the same loss, margins and accuracies at every step (6 steps
+    over 8 pairs, so pairs are seen again) and the same held-out metrics (4 held-out pairs, evaluated at steps 3 and
+    6), in full fine-tuning (a reference copy, freed after the pass) and LoRA (the adapter disabled)."""
+    import re
+
     from ernie_dpo import engine_main
 
-    cfg = engine.dpo_config(tiny_base, dpo_data, tmp_path / "out", "cpu",
-                            {**TRAIN, "fine_tuning": fine_tuning, "max_steps": 6, "global_batch_size": 4})
+    write_jsonl(tmp_path / "eval.jsonl", read_jsonl(dpo_data)[8:12])
+    write_jsonl(tmp_path / "train.jsonl", read_jsonl(dpo_data)[:8])
+    cfg = engine.dpo_config(tiny_base, tmp_path / "train.jsonl", tmp_path / "out", "cpu",
+                            {**TRAIN, "fine_tuning": fine_tuning, "max_steps": 6, "global_batch_size": 4,
+                             "eval_steps": 3, "max_seq_len": 512, "max_prompt_len": 256}, eval_path=tmp_path / "eval.jsonl")
     cmd = launch.launch_command("train", engine.write_config(cfg, tmp_path / "d.yaml"), "cpu")
-    runs = {}
+    runs, held_out = {}, {}
     for once in ("0", "1"):
         steps = []
         launch.run(cmd, tmp_path / f"{once}.log", steps.append, env={engine_main.REF_ONCE_ENV: once})
         runs[once] = [[s[k] for k in ("global_step", "loss", "rewards/margins", "rewards/accuracies",
                                       "logps/chosen")] for s in steps if "loss" in s]
-    import re
-
-    once = re.search(r"ERNIE_DPO_REFERENCE_ONCE (\d+) pairs' reference log-probs computed once",
-                     (tmp_path / "1.log").read_text())
-    assert once and int(once.group(1)) > 0  # the pairs that fit max_seq_len (the engine skips the others)
-    assert "steps read the reference log-probs from the cache" in (tmp_path / "1.log").read_text()  # used, not skipped
+        held_out[once] = [[s[k] for k in ("eval_loss", "eval_rewards/margins", "eval_logps/chosen")]
+                          for s in steps if "eval_loss" in s]
+    log = (tmp_path / "1.log").read_text()
+    once = re.search(r"ERNIE_DPO_REFERENCE_ONCE (\d+) pairs' reference log-probs computed once(.*)", log)
+    assert once and int(once.group(1)) == 12  # the 8 training and 4 held-out pairs (all fit max_seq_len)
+    # full fine-tuning: the reference copy is freed once every pair is cached; LoRA has no copy
+    assert ("the reference copy of the model freed" in once.group(2)) == (fine_tuning == "full")
+    assert "steps read the reference log-probs from the cache" in log  # used, not skipped
     assert "computed once" not in (tmp_path / "0.log").read_text()
     assert len(runs["1"]) == 6 and [r[0] for r in runs["1"]] == [1, 2, 3, 4, 5, 6]
     assert np.allclose(runs["0"], runs["1"], rtol=0, atol=2e-5), (runs["0"], runs["1"])
+    # the first evaluation (step 3) is equal to the bit; later ones follow weights that trained on reference values
+    # rounded in batches of another padded length (~1e-7), which moves a summed log-prob of ~377 by one float ulp
+    assert len(held_out["1"]) >= 2 and held_out["0"][0] == held_out["1"][0], held_out
+    assert np.allclose(held_out["0"], held_out["1"], rtol=1e-6, atol=2e-5), held_out

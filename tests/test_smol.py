@@ -166,6 +166,7 @@ def test_a_couple_of_lora_dpo_steps_on_real_long_pairs_cut_to_fit(smol_dir, tmp_
 def test_the_training_benchmark_runs_the_projects_side_on_the_profiles_real_pairs(smol_dir, tmp_path):
     """benchmarks/training.py as docs/benchmarks.md tells a user to run it (without the TRL peer, which CI does not
     install): it once failed at an import before training anything, and no test noticed."""
+    import json
     import re
     import subprocess
     import sys
@@ -174,10 +175,18 @@ def test_the_training_benchmark_runs_the_projects_side_on_the_profiles_real_pair
 
     (tmp_path / "smollm2-135m").symlink_to(smol_dir)  # the script's cache layout: no second conversion
     r = subprocess.run([sys.executable, "benchmarks/training.py", "--quick", "--modes", "lora", "--cache",
-                        str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+                        str(tmp_path), "--json", str(tmp_path / "figures.json")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     row = next(line for line in r.stdout.splitlines() if line.startswith("lora") and "this project" in line)
     cols = re.split(r"\s{2,}", row.strip())
-    # mode, framework, s/step, loop s, wall s, peak RSS GB, loss step 1, loss last, steps, trainable params
-    assert float(cols[2]) > 0 and float(cols[5]) > 0.5 and cols[8] == "3"
-    assert 0 < float(cols[6]) < 20 and 0 < float(cols[7]) < 20
+    # mode, framework, s/step, tokens processed/step, s/1k processed tokens, s/1k pair tokens, loop s, wall s,
+    # peak RSS GB, loss step 1, loss last, steps, trainable params
+    assert float(cols[2]) > 0 and float(cols[8]) > 0.5 and cols[11] == "3"
+    assert 0 < float(cols[9]) < 20 and 0 < float(cols[10]) < 20
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    f = figures["figures"]["lora"]["project"]
+    # step 3 of 8 pairs at batch 4 is the first batch again: 4 rows padded to its longest pair
+    assert f["processed"] >= f["pair_tokens"] > 0 and float(cols[3]) == round(f["processed"])
+    assert abs(f["s_per_1k"] - 1000 * f["step_intervals"][0] / f["processed"]) < 1e-6
+    assert figures["pairs"] == 8 and figures["reference_once"] is True and figures["machine"]["cpu"]
