@@ -10,12 +10,11 @@ transformers + TRL; never part of the main install).
 Pairs: the smol profile's training pairs, built from its real file as the pipeline builds them (prepare -> test set
 -> pool outside the test prompts -> the trainset filter -> held-out eval pairs set aside -> system prompts dropped ->
 tokens.fit_pairs with the profile's max_seq_len / max_prompt_len / truncate), then a seeded sample of --pairs of them
-(default steps x batch: every pair trained once). Both frameworks get those token ids as they are (the engine through
-its `token_ids` hook, TRL through its collator's own columns: benchmarks/peer_trl.py), in the same order (the
-engine's shuffle is off and TRL's sampler is sequential), so step k is the same batch on both sides -- in the first
-pass over the pairs. After it (fewer pairs than steps x batch, as in --quick) the batches drift apart by one pair:
-PaddleFormers 1.2 yields the last pair of every pass twice (DPODataset._generate_sequences without packing yields its
-last `batch_sequence` again after the loop), TRL does not.
+(default steps x batch, cut to whole batches of the pairs there are; with fewer pairs than steps x batch they are
+trained pass after pass). Both frameworks get those token ids as they are (the engine through its `token_ids` hook,
+TRL through its collator's own columns: benchmarks/peer_trl.py), in the same order (the engine's shuffle is off,
+each pair once per pass as engine_main._each_pair_once makes it, and TRL's sampler is sequential), so step k is the
+same batch on both sides.
 Settings (conf/config.yaml + conf/profile/smol.yaml, read at run time): learning rate, cosine schedule, warmup,
 beta, sigmoid loss + sft_loss_ratio x chosen NLL, batch, no gradient accumulation, float32, the same CPU threads;
 --modes full (every weight) and lora (rank train.lora_rank, alpha 2 x rank and PaddleFormers' Llama target modules).

@@ -17,8 +17,8 @@ CPU_SETTINGS = {
     "amp_master_grad": False,  # otherwise a ConfigConflict error when amp is off
     "_attn_implementation": "eager",  # the default flashmask kernel is GPU-only
     # the DPO loss applies the LM head itself, to the scored (answer) positions only, not to every prompt and
-    # padding position of the batch: a LoRA step on SmolLM2's real pairs 15.0 -> 11.9 s, the same losses
-    # (docs/benchmarks.md); decode.lm_logits applies the head where the engine's model is used for sampling
+    # padding position of the batch (benchmarks/training.py --quick --modes lora: 15.0 -> 11.9 s/step, same losses);
+    # decode.lm_logits applies the head where the engine's model is used for sampling
     "use_fused_head_and_loss_fn": True,
     "use_filtered_label_loss": True,
 }

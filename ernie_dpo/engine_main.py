@@ -248,8 +248,8 @@ def _engine_main(argv):
     5. Reply-length probes while training (length_probe), when the stage wrote their spec beside the YAML.
     5b. Each pair once per pass (_each_pair_once), not the last one twice; the LM head fused with the loss for
         ERNIE's model outputs too (_fused_head_through_model_outputs).
-    5c. With ERNIE_DPO_REFERENCE_ONCE=1 (train.reference_once): the reference log-probs of every training pair
-        computed once before step 1 (_reference_logps_once), not at every step.
+    5c. With ERNIE_DPO_REFERENCE_ONCE=1 (train.reference_once): the reference log-probs of every training and
+        held-out pair computed once before step 1 (_reference_logps_once), not at every step.
     6. A GPU worker (started by the launcher in a session of its own) dies with the launcher, as the launcher dies
        with the stage.
     """
