@@ -245,7 +245,8 @@ def test_reference_log_probs_computed_once_train_to_the_same_losses(tiny_base, d
     write_jsonl(tmp_path / "train.jsonl", read_jsonl(dpo_data)[:8])
     cfg = engine.dpo_config(tiny_base, tmp_path / "train.jsonl", tmp_path / "out", "cpu",
                             {**TRAIN, "fine_tuning": fine_tuning, "max_steps": 6, "global_batch_size": 4,
-                             "eval_steps": 3, "max_seq_len": 512, "max_prompt_len": 256}, eval_path=tmp_path / "eval.jsonl")
+                             "eval_steps": 3, "max_seq_len": 512, "max_prompt_len": 256},
+                            eval_path=tmp_path / "eval.jsonl")
     cmd = launch.launch_command("train", engine.write_config(cfg, tmp_path / "d.yaml"), "cpu")
     runs, held_out = {}, {}
     for once in ("0", "1"):
