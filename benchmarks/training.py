@@ -159,7 +159,7 @@ def project(model_dir, pairs, mode, tr, steps, work):
     from ernie_dpo import engine_main
 
     launch.run(cmd, work / "train.log", on_step, on_line=on_line,  # as the train stage: train.reference_once
-               env={engine_main.REF_ONCE_ENV: "1" if tr.get("reference_once", True) else "0"})
+               env={engine_main.REF_ONCE_ENV: "1" if tr["reference_once"] else "0"})
     got["seconds"] = time.time() - start
     return got
 
@@ -173,7 +173,7 @@ def peer(python, model_dir, pairs, mode, tr, steps, threads, work):
         "learning_rate": float(tr["learning_rate"]), "warmup_steps": int(tr["warmup_steps"]),
         "beta": float(tr["beta"]), "sft_loss_ratio": float(tr["sft_loss_ratio"]), "seed": int(tr["seed"]),
         "lora_rank": int(tr["lora_rank"]), "lora_alpha": 2 * int(tr["lora_rank"]), "lora_targets": LORA_TARGETS,
-        "precompute_ref": bool(tr.get("reference_once", True))}))
+        "precompute_ref": tr["reference_once"]}))
     start = time.time()
     r = subprocess.run([python, str(ROOT / "benchmarks/peer_trl.py"), str(spec)], capture_output=True, text=True)
     (work / "train.log").write_text(r.stderr + r.stdout)  # stdout: TRL's per-step metrics, then the figures
@@ -325,7 +325,7 @@ def main():
         Path(args.json).write_text(json.dumps({
             "machine": {"cpu": cpu_name(), "threads": threads, "python": platform.python_version()},
             "versions": versions, "pairs": len(pairs), "steps": args.steps, "repeats": args.repeats,
-            "batch": batch, "reference_once": bool(tr.get("reference_once", True)), "figures": report},
+            "batch": batch, "reference_once": tr["reference_once"], "figures": report},
             indent=1) + "\n")
 
 
