@@ -45,6 +45,32 @@ def test_greedy_decode_loop_equals_the_engines_full_forward(lm, tests, prefill_b
         assert got[i] == (full_forward_greedy(lm.model, p, 20), "length"), f"prompt {i} ({len(p)} tokens)"
 
 
+def test_decode_groups_give_the_same_replies_and_short_prompts_read_a_narrower_cache(lm, tests, monkeypatch):
+    """The batch's slots are split into decode.GROUPS groups, each with its own KV cache: greedy replies equal to one
+    group's, and in the first decode step each group's cache is as wide as ITS longest prompt (+ CHUNK..2 CHUNK - 1
+    free columns), not as the batch's longest."""
+    prompts = [prompt_ids(lm.tokenizer, t["messages"]) for t in tests]
+    widths = []
+    init = decode.GroupedCache.__init__
+
+    def record(self, batches):
+        init(self, batches)
+        widths.append([b.cache.capacity for b in batches])
+
+    monkeypatch.setattr(decode.GroupedCache, "__init__", record)
+    args = (lm.model, prompts, [0] * len(prompts), [], 12, 0.0, 0.7, 8, lm.pad_id, lm.max_len)
+    monkeypatch.setattr(decode, "GROUPS", 1)
+    one = decode.generate(*args)
+    assert {len(w) for w in widths} == {1}
+    widths.clear()
+    monkeypatch.setattr(decode, "GROUPS", 4)
+    four = decode.generate(*args)
+    assert four == one
+    longest = sorted((len(p) for p in prompts), reverse=True)[:8]
+    assert widths[0] == [decode._round_up(longest[2 * g] + 1) for g in range(4)]  # groups of 2, longest first
+    assert widths[0][-1] < widths[0][0]  # the test set's lengths differ enough for this check to mean something
+
+
 def test_replies_do_not_depend_on_batch_size_or_neighbours(lm, tests):
     kw = dict(top_p=0.7, temperature=0.7, max_dec_len=40, seed=7)
     one = lm.answer(tests, batch_size=1, **kw)
