@@ -158,8 +158,7 @@ def project(model_dir, pairs, mode, tr, steps, work):
     start = time.time()
     from ernie_dpo import engine_main
 
-    launch.run(cmd, work / "train.log", on_step, on_line=on_line,  # as the train stage: train.reference_once
-               env={engine_main.REF_ONCE_ENV: "1" if tr["reference_once"] else "0"})
+    launch.run(cmd, work / "train.log", on_step, on_line=on_line, env=engine_main.environment(tr))  # as the stage
     got["seconds"] = time.time() - start
     return got
 

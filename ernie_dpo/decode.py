@@ -6,7 +6,8 @@ Why not `model.generate`: on a CPU, PaddleFormers' generate makes batch 8 slower
   taken longest first (deterministic order), a finished reply frees its slot at once and the next prompt is
   prefilled on its own (no prompt is padded to another's length) and written INTO that slot, right-aligned at the
   batch's filled length (`admit`): no copy of the batch's cache. The cache is rebuilt (`combine`) only to grow it
-  (to CHUNK..2 CHUNK - 1 free columns), to drop leading columns no running row needs (when a third of them are), and at the end;
+  (to CHUNK..2 CHUNK - 1 free columns), to drop leading columns no running row needs (when a third of them are),
+  and at the end;
 - a decode step reads every column of the cache for every row, so a short prompt beside a long one would read the
   long one's width: the slots are split into GROUPS groups, each with its own cache (`GroupedCache`), the longest
   prompts in the first; one forward pass still serves every group (SmolLM2, 60 real test prompts: the decode
@@ -475,7 +476,8 @@ def _forward(model, ids, positions, mask, cache):
     import paddle
 
     out = model.model(input_ids=paddle.to_tensor(ids), position_ids=paddle.to_tensor(positions),
-                      attention_mask=None if mask is None else paddle.to_tensor(mask), past_key_values=cache, use_cache=True, return_dict=True)
+                      attention_mask=None if mask is None else paddle.to_tensor(mask), past_key_values=cache,
+                      use_cache=True, return_dict=True)
     h = out.last_hidden_state[:, -1:, :]
     return lm_logits(model, h)[:, -1, :]
 
@@ -570,7 +572,7 @@ def generate(model, prompts, seeds, stop_ids, max_new_tokens, temperature, top_p
             # one decode step for every slot of every group
             for g, batch in enumerate(groups):
                 if batch is not None and batch.cache.length >= batch.cache.capacity:
-                    groups[g] = combine([batch], n_layers)  # out of room: CHUNK more columns, unused leading ones dropped
+                    groups[g] = combine([batch], n_layers)  # out of room: CHUNK more columns, unused leading dropped
             active = [b for b in groups if b is not None]
             for batch in active:
                 batch.mask[:, batch.cache.length] = True

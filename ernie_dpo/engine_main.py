@@ -83,6 +83,12 @@ def _fused_head_through_model_outputs():
 REF_ONCE_ENV = "ERNIE_DPO_REFERENCE_ONCE"  # "1": the train stage asks for reference log-probs computed once
 
 
+def environment(train):
+    """What the engine process is told besides its YAML (the train stage and benchmarks/training.py alike), from the
+    composed `train` params: whether to compute the reference log-probs once (train.reference_once)."""
+    return {REF_ONCE_ENV: "1" if train["reference_once"] else "0"}
+
+
 def _pair_key(seq):
     """A pair's identity for the reference cache: a hash of the token ids and the labels it is scored on."""
     import hashlib

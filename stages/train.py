@@ -227,11 +227,6 @@ def engine_inputs(params, work):
     return cmd, fit, eval_fit, probe_prompts
 
 
-def engine_env(params):
-    """What the engine process is told besides its YAML: whether to compute the reference log-probs once."""
-    return {engine_main.REF_ONCE_ENV: "1" if params["train"]["reference_once"] else "0"}
-
-
 def worker_node(args, params, work):
     """Nodes 1..n-1 of a multi-node run (`python -m stages.train --worker-node` after `dvc pull`): the same engine
     inputs as node 0, then the same launch with this node's RANK. Node 0 (the dvc stage) writes every output."""
@@ -243,7 +238,7 @@ def worker_node(args, params, work):
     if args.print_only:
         print(" ".join(cmd))
         return
-    launch.run(cmd, LOGS / "engine.log", env=engine_env(params))
+    launch.run(cmd, LOGS / "engine.log", env=engine_main.environment(params["train"]))
 
 
 def stale_checkpoints_removed(work):
@@ -432,7 +427,7 @@ def main():
     with Live(dir="metrics/dvclive", dvcyaml=None, save_dvc_exp=False, report=None, resume=bool(resumed)) as live, \
             tqdm(total=p["max_steps"], desc="DPO", unit="step") as bar:
         m = Monitor(live, bar, params, probe_prompts)
-        launch.run(cmd, LOGS / "engine.log", m.on_step, on_line=m.on_line, env=engine_env(params))
+        launch.run(cmd, LOGS / "engine.log", m.on_step, on_line=m.on_line, env=engine_main.environment(params["train"]))
         live.make_summary()
     check_finished(m.last)
     plot_curves("metrics/dvclive", f"{params['model']['name_or_path']}: {p['fine_tuning']}, {p['max_steps']} steps, "
