@@ -30,7 +30,7 @@ import hashlib
 import numpy as np
 
 CHUNK = 64  # KV buffer growth step (columns)
-GROUPS = 4  # decode slots are split into this many groups, each with a cache as wide as its own longest row
+GROUPS = 4  # decode slots form this many groups, each with a cache as wide as its own longest row (CPU; see generate)
 GROUPED = "ernie_dpo_grouped"  # name under which grouped_attention is registered with the engine
 
 
@@ -501,16 +501,16 @@ def prefill(model, n_layers, items, pad_id):
 
 
 def generate(model, prompts, seeds, stop_ids, max_new_tokens, temperature, top_p, batch_size, pad_id, max_len=None,
-             on_done=None, prefill_batch=1):
+             on_done=None, prefill_batch=1, groups=None):
     """Answer every prompt (lists of token ids). Calls on_done(index, new_ids, finish_reason) as each reply ends
     ("eos": a stop token, not included; "length": max_new_tokens or the model's context reached).
 
     Prompts are started longest first; at most batch_size are decoded together, a finished one is replaced at once
     by the next waiting prompt (prefilled `prefill_batch` at a time: 1 on a CPU, where prefill is compute-bound and
-    padding is pure waste; more on a GPU). The batch_size slots are split into GROUPS groups, each a Batch with its
-    own cache: a decode step reads every column of its group's cache for every row of it, so the longest prompts
-    (the first ones) share a group and the shorter ones no longer read their width. Returns {index: (new_ids,
-    finish_reason)}.
+    padding is pure waste; more on a GPU). The batch_size slots are split into `groups` groups (default GROUPS),
+    each a Batch with its own cache: a decode step reads every column of its group's cache for every row of it, so
+    the longest prompts (the first ones) share a group and the shorter ones no longer read their width. Returns
+    {index: (new_ids, finish_reason)}.
     """
     import paddle
 
@@ -518,7 +518,7 @@ def generate(model, prompts, seeds, stop_ids, max_new_tokens, temperature, top_p
     stop = set(stop_ids)
     waiting = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     results = {}
-    n_groups = max(1, min(GROUPS, batch_size))
+    n_groups = max(1, min(GROUPS if groups is None else groups, batch_size))
     sizes = [batch_size // n_groups + (g < batch_size % n_groups) for g in range(n_groups)]
     groups = [None] * n_groups  # a Batch per group of slots, None while the group holds no row
 
