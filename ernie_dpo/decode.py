@@ -163,7 +163,7 @@ def _attend_groups(qs, keys, values):
     buffers and its own mask, so a row beside a long one no longer reads that row's width of columns."""
     import paddle
 
-    b, hq, _, d = qs.shape
+    hq, d = qs.shape[1], qs.shape[3]
     outs, row = [], 0
     for g, (k, v) in enumerate(zip(keys, values)):
         n, hkv = k.shape[0], k.shape[1]
@@ -501,13 +501,13 @@ def prefill(model, n_layers, items, pad_id):
 
 
 def generate(model, prompts, seeds, stop_ids, max_new_tokens, temperature, top_p, batch_size, pad_id, max_len=None,
-             on_done=None, prefill_batch=1, groups=None):
+             on_done=None, prefill_batch=1, n_groups=None):
     """Answer every prompt (lists of token ids). Calls on_done(index, new_ids, finish_reason) as each reply ends
     ("eos": a stop token, not included; "length": max_new_tokens or the model's context reached).
 
     Prompts are started longest first; at most batch_size are decoded together, a finished one is replaced at once
     by the next waiting prompt (prefilled `prefill_batch` at a time: 1 on a CPU, where prefill is compute-bound and
-    padding is pure waste; more on a GPU). The batch_size slots are split into `groups` groups (default GROUPS),
+    padding is pure waste; more on a GPU). The batch_size slots are split into n_groups groups (default GROUPS),
     each a Batch with its own cache: a decode step reads every column of its group's cache for every row of it, so
     the longest prompts (the first ones) share a group and the shorter ones no longer read their width. Returns
     {index: (new_ids, finish_reason)}.
@@ -518,7 +518,7 @@ def generate(model, prompts, seeds, stop_ids, max_new_tokens, temperature, top_p
     stop = set(stop_ids)
     waiting = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     results = {}
-    n_groups = max(1, min(GROUPS if groups is None else groups, batch_size))
+    n_groups = max(1, min(GROUPS if n_groups is None else n_groups, batch_size))
     sizes = [batch_size // n_groups + (g < batch_size % n_groups) for g in range(n_groups)]
     groups = [None] * n_groups  # a Batch per group of slots, None while the group holds no row
 

@@ -74,7 +74,7 @@ class LocalModel:
                         on_done, prefill_batch=1 if self.device == "cpu" else batch_size,
                         # decode groups: measured on a CPU only; on a GPU a padded column costs little next to the
                         # extra kernel launches of one attention per group (unverified on a GPU: one group there)
-                        groups=None if self.device == "cpu" else 1)
+                        n_groups=None if self.device == "cpu" else 1)
         return out
 
 

@@ -46,9 +46,9 @@ def test_greedy_decode_loop_equals_the_engines_full_forward(lm, tests, prefill_b
 
 
 def test_decode_groups_give_the_same_replies_and_short_prompts_read_a_narrower_cache(lm, tests, monkeypatch):
-    """The batch's slots are split into decode.GROUPS groups, each with its own KV cache: greedy replies equal to one
-    group's, and in the first decode step each group's cache is as wide as ITS longest prompt (+ CHUNK..2 CHUNK - 1
-    free columns), not as the batch's longest."""
+    """The batch's slots are split into decode.GROUPS groups (on a CPU), each with its own KV cache: greedy replies
+    equal to one group's, and in the first decode step each group's cache is as wide as ITS longest prompt
+    (+ CHUNK..2 CHUNK - 1 free columns), not as the batch's longest."""
     prompts = [prompt_ids(lm.tokenizer, t["messages"]) for t in tests]
     widths = []
     init = decode.GroupedCache.__init__
@@ -59,8 +59,7 @@ def test_decode_groups_give_the_same_replies_and_short_prompts_read_a_narrower_c
 
     monkeypatch.setattr(decode.GroupedCache, "__init__", record)
     args = (lm.model, prompts, [0] * len(prompts), [], 12, 0.0, 0.7, 8, lm.pad_id, lm.max_len)
-    monkeypatch.setattr(decode, "GROUPS", 1)
-    one = decode.generate(*args)
+    one = decode.generate(*args, n_groups=1)  # as LocalModel decodes on a GPU
     assert {len(w) for w in widths} == {1}
     widths.clear()
     monkeypatch.setattr(decode, "GROUPS", 4)
