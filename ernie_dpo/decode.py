@@ -471,19 +471,26 @@ def lm_logits(model, hidden):
     return head(hidden)
 
 
-def _forward(model, ids, positions, mask, cache):
-    """Hidden state of the last position -> logits [B, vocab] (a Paddle tensor on the model's device)."""
+def _forward(model, ids, positions, mask, cache, last_only=True):
+    """Hidden state of the last position -> logits [B, vocab] (a Paddle tensor on the model's device); with
+    last_only=False also the hidden states of every position."""
     import paddle
 
     out = model.model(input_ids=paddle.to_tensor(ids), position_ids=paddle.to_tensor(positions),
                       attention_mask=None if mask is None else paddle.to_tensor(mask), past_key_values=cache,
                       use_cache=True, return_dict=True)
-    h = out.last_hidden_state[:, -1:, :]
-    return lm_logits(model, h)[:, -1, :]
+    logits = lm_logits(model, out.last_hidden_state[:, -1:, :])[:, -1, :]
+    return logits if last_only else (logits, out.last_hidden_state)
 
 
-def prefill(model, n_layers, items, pad_id):
-    """Prefill prompts [(index, ids, seed), ...] together (left-padded to the longest). Returns (Batch, logits)."""
+def prefill(model, n_layers, items, pad_id, answer=None):
+    """Prefill prompts [(index, ids, seed), ...] together (left-padded to the longest). Returns (Batch, logits).
+
+    answer (one prompt only): answer ids to score in the same forward pass, returned as a third value (sum of log
+    p(answer token | what precedes it), count). The pass runs over prompt + answer: the model is causal, so the
+    prompt's K/V and its last position's logits are the prompt's own (up to float rounding); the answer's columns
+    are then dropped from the cache. The held-out likelihood of the length probes scores each validation prompt's
+    chosen answer this way: one forward pass over the prompt instead of two (the probe's prefill and the scoring)."""
     t = max(len(ids) for _, ids, _ in items)
     ids = np.full((len(items), t), pad_id, dtype="int64")
     mask = np.zeros((len(items), t), dtype=bool)
@@ -492,16 +499,31 @@ def prefill(model, n_layers, items, pad_id):
         mask[r, t - len(row_ids):] = True
     positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
     cache = SlotCache(n_layers)
-    logits = _forward(model, ids, positions, mask, cache)
+    score = None
+    if answer is None:
+        logits = _forward(model, ids, positions, mask, cache)
+    else:
+        if len(items) != 1:
+            raise ValueError("prefill scores an answer for one prompt at a time")
+        a = np.asarray(answer, dtype="int64")[None, :]
+        whole = np.concatenate([ids, a], axis=1)
+        _, hidden = _forward(model, whole, np.arange(whole.shape[1], dtype="int64")[None, :],
+                             np.ones(whole.shape, dtype=bool), cache, last_only=False)
+        logits = lm_logits(model, hidden[:, t - 1:t, :])[:, -1, :]
+        score = (_answer_logp_sum(model, hidden, t - 1, answer), len(answer))
+        cap = _round_up(t + 1)  # the prompt's columns only, with the usual room to decode into
+        cache.keys = [k[:, :, :cap].clone() for k in cache.keys]
+        cache.values = [v[:, :, :cap].clone() for v in cache.values]
     cache.length, cache.decoding = t, True
     full = np.zeros((len(items), cache.capacity), dtype=bool)
     full[:, :t] = mask
     rows = [Row(i, row_ids, seed) for i, row_ids, seed in items]
-    return Batch(cache, full, rows, mask.sum(axis=1).astype("int64"), np.zeros(len(items), dtype="int64")), logits
+    batch = Batch(cache, full, rows, mask.sum(axis=1).astype("int64"), np.zeros(len(items), dtype="int64"))
+    return (batch, logits) if answer is None else (batch, logits, score)
 
 
 def generate(model, prompts, seeds, stop_ids, max_new_tokens, temperature, top_p, batch_size, pad_id, max_len=None,
-             on_done=None, prefill_batch=1, n_groups=None):
+             on_done=None, prefill_batch=1, n_groups=None, answers=None):
     """Answer every prompt (lists of token ids). Calls on_done(index, new_ids, finish_reason) as each reply ends
     ("eos": a stop token, not included; "length": max_new_tokens or the model's context reached).
 
@@ -511,13 +533,15 @@ def generate(model, prompts, seeds, stop_ids, max_new_tokens, temperature, top_p
     each a Batch with its own cache: a decode step reads every column of its group's cache for every row of it, so
     the longest prompts (the first ones) share a group and the shorter ones no longer read their width. Returns
     {index: (new_ids, finish_reason)}.
+    answers: {index: answer ids} to score while their prompts are prefilled (`prefill`); then returns
+    (replies, {index: (sum of the answer's token log-probs, count)}).
     """
     import paddle
 
     n_layers = model.config.num_hidden_layers
     stop = set(stop_ids)
     waiting = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-    results = {}
+    results, scores = {}, {}
     n_groups = max(1, min(GROUPS if n_groups is None else n_groups, batch_size))
     sizes = [batch_size // n_groups + (g < batch_size % n_groups) for g in range(n_groups)]
     groups = [None] * n_groups  # a Batch per group of slots, None while the group holds no row
@@ -554,8 +578,13 @@ def generate(model, prompts, seeds, stop_ids, max_new_tokens, temperature, top_p
                 # fill every free slot: prefill the next prompts (longest first), sample their first token
                 items = [(i, prompts[i], seeds[i]) for i in waiting[:len(free)]]
                 del waiting[:len(items)]
-                for k in range(0, len(items), prefill_batch):
-                    new, logits = prefill(model, n_layers, items[k:k + prefill_batch], pad_id)
+                step = 1 if answers else prefill_batch  # a prompt with an answer to score is prefilled alone
+                for k in range(0, len(items), step):
+                    part = items[k:k + step]
+                    if answers and part[0][0] in answers:
+                        new, logits, scores[part[0][0]] = prefill(model, n_layers, part, pad_id, answers[part[0][0]])
+                    else:
+                        new, logits = prefill(model, n_layers, part, pad_id)
                     keep = take(logits, new.rows)
                     new.last = np.array([row.out[-1] if row.out else 0 for row in new.rows], dtype="int64")
                     for r in keep:
@@ -604,7 +633,7 @@ def generate(model, prompts, seeds, stop_ids, max_new_tokens, temperature, top_p
                         groups[g] = combine([select(batch, alive)], n_layers)
                 elif batch.first_used_column() > max(2 * CHUNK, batch.cache.capacity // 3):
                     groups[g] = combine([batch], n_layers)  # a third of the columns no running row needs any more
-    return results
+    return results if answers is None else (results, scores)
 
 
 def answer_logps(model, prompt_ids, answer_ids):
@@ -612,21 +641,27 @@ def answer_logps(model, prompt_ids, answer_ids):
     import paddle
 
     ids = list(prompt_ids) + list(answer_ids)
-    total = 0.0
     with paddle.no_grad():
         hidden = model.model(input_ids=paddle.to_tensor([ids]), return_dict=True).last_hidden_state
-        # logits only where an answer token is predicted: positions len(prompt) - 1 ... len(ids) - 2, in chunks of
-        # ANSWER_CHUNK positions: [answer length, vocabulary] float32 logits at once would be 1.7 GB for a 4k-token
-        # answer and a 103k vocabulary (each position's log-probability does not depend on the others')
-        for start in range(0, len(answer_ids), ANSWER_CHUNK):
-            at = len(prompt_ids) - 1 + start
-            chunk = list(answer_ids[start:start + ANSWER_CHUNK])
-            logits = lm_logits(model, hidden[:, at:at + len(chunk), :]).astype("float32")[0]
-            # log-softmax as logits - logsumexp: Paddle 3.3's CPU log_softmax kernel took 135 s for [444, 49152]
-            logp = logits - paddle.logsumexp(logits, axis=-1, keepdim=True)
-            picked = paddle.take_along_axis(logp, paddle.to_tensor(np.asarray(chunk, dtype="int64")[:, None]), 1)
-            total += float(picked.sum())
-    return total, len(answer_ids)
+        return _answer_logp_sum(model, hidden, len(prompt_ids) - 1, answer_ids), len(answer_ids)
+
+
+def _answer_logp_sum(model, hidden, at, answer_ids):
+    """Sum of log p(answer token) from the hidden states [1, T, H] of a pass over prompt + answer; `at`: the position
+    that predicts the first answer token (the prompt's last). Logits only where an answer token is predicted, in
+    chunks of ANSWER_CHUNK positions: [answer length, vocabulary] float32 logits at once would be 1.7 GB for a
+    4k-token answer and a 103k vocabulary (each position's log-probability does not depend on the others')."""
+    import paddle
+
+    total = 0.0
+    for start in range(0, len(answer_ids), ANSWER_CHUNK):
+        chunk = list(answer_ids[start:start + ANSWER_CHUNK])
+        logits = lm_logits(model, hidden[:, at + start:at + start + len(chunk), :]).astype("float32")[0]
+        # log-softmax as logits - logsumexp: Paddle 3.3's CPU log_softmax kernel took 135 s for [444, 49152]
+        logp = logits - paddle.logsumexp(logits, axis=-1, keepdim=True)
+        picked = paddle.take_along_axis(logp, paddle.to_tensor(np.asarray(chunk, dtype="int64")[:, None]), 1)
+        total += float(picked.sum())
+    return total
 
 
 ANSWER_CHUNK = 512

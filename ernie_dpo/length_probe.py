@@ -123,11 +123,16 @@ def make_callback(spec_path, tokenizer_dir):
             lm.eval()
             decode.use_grouped_attention(lm)  # the decode loop's KV cache needs its attention
             try:
-                out = decode.generate(lm, spec["prompts"], spec["seeds"], spec["stop_ids"], spec["max_new_tokens"],
-                                      spec["temperature"], spec["top_p"], spec["batch_size"], spec["pad_id"])
+                # a chosen answer whose prompt is the probe's own prompt is scored in that prompt's prefill (one
+                # forward pass over the prompt, not two); any other on its own
+                answers = {i: a for i, (prompt, a) in enumerate(spec["scored"])
+                           if i < len(spec["prompts"]) and list(prompt) == list(spec["prompts"][i])}
+                out, scores = decode.generate(lm, spec["prompts"], spec["seeds"], spec["stop_ids"],
+                                              spec["max_new_tokens"], spec["temperature"], spec["top_p"],
+                                              spec["batch_size"], spec["pad_id"], answers=answers)
                 nll = []
-                for prompt, answer in spec["scored"]:
-                    total, n = decode.answer_logps(lm, prompt, answer)
+                for i, (prompt, answer) in enumerate(spec["scored"]):
+                    total, n = scores[i] if i in scores else decode.answer_logps(lm, prompt, answer)
                     nll.append(round(-total / n, 5))
             finally:
                 for layer in lm.sublayers():

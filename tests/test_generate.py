@@ -70,6 +70,26 @@ def test_decode_groups_give_the_same_replies_and_short_prompts_read_a_narrower_c
     assert widths[0][-1] < widths[0][0]  # the test set's lengths differ enough for this check to mean something
 
 
+def test_answers_scored_in_the_prefill_equal_a_separate_pass_and_leave_the_replies_unchanged(lm, tests):
+    """generate(answers=...) (the length probes' held-out likelihood): each answer is scored in the forward pass that
+    prefills its prompt; the sums equal decode.answer_logps' separate pass over prompt + answer, and the sampled
+    replies equal those of a run without scoring (the answer's columns are dropped from the cache)."""
+    prompts = [prompt_ids(lm.tokenizer, t["messages"]) for t in tests]
+    answers = {i: lm.tokenizer("A short answer number %d, as a reference." % i, add_special_tokens=False)["input_ids"]
+               for i in range(0, len(prompts), 2)}  # every other prompt: the others are prefilled as usual
+    args = (lm.model, prompts, [decode.prompt_seed(3, str(i)) for i in range(len(prompts))], [], 16, 0.7, 0.7, 4,
+            lm.pad_id, lm.max_len)
+    plain = decode.generate(*args)
+    replies, scores = decode.generate(*args, answers=answers)
+    assert replies == plain
+    assert sorted(scores) == sorted(answers)
+    for i, a in answers.items():
+        total, n = decode.answer_logps(lm.model, prompts[i], a)
+        assert scores[i][1] == n == len(a)
+        assert abs(scores[i][0] - total) < 1e-4 * max(1.0, abs(total)), f"prompt {i}: {scores[i][0]} vs {total}"
+    assert len({round(s, 3) for s, _ in scores.values()}) > 1  # the answers score differently: a real comparison
+
+
 def test_replies_do_not_depend_on_batch_size_or_neighbours(lm, tests):
     kw = dict(top_p=0.7, temperature=0.7, max_dec_len=40, seed=7)
     one = lm.answer(tests, batch_size=1, **kw)
