@@ -15,7 +15,8 @@ replies reached it). Each probe after step 0 carries the paired 95% bootstrap in
 
 Held-out likelihood: the per-token negative log-likelihood of each validation prompt's CHOSEN answer under the policy
 (nats/token). Step 0's policy is the base model, so the last probe minus step 0 says whether the tuned model still
-predicts good answers it was not trained on (a model that only learned to apologise gets worse at it).
+predicts good answers it was not trained on (a model that only learned to apologise gets worse at it). It is computed
+in the same forward pass that prefills the prompt for the reply (decode.prefill's `answer`): the prompt is read once.
 
 How it runs: the train stage writes the probe spec next to the engine YAML (SPEC_NAME); the engine process
 (engine_main._engine_main) finds it and adds LengthProbe to the engine's trainer, which prints one line per probe
