@@ -156,9 +156,10 @@ def test_each_block_of_the_mask_is_expanded_once_per_forward_pass():
     assert first.shape == [1, 2, 15, 5] and second.shape == [1, 3, 5, 5]
 
 
-def test_the_inference_only_layers_give_the_engines_numbers(lm, tests):
-    """fast_cpu's inference paths (fused RMSNorm, rotary with cos / sin expanded once per pass) run only where no
-    gradient is recorded; with gradients on, the same call is the engine's own layers. Both give the same numbers."""
+def test_the_cpu_layers_give_the_engines_numbers(lm, tests):
+    """fast_cpu's rotary embedding (q and k made contiguous, cos / sin expanded once per forward pass) gives the
+    engine's own function's outputs AND gradients bit for bit, in training (gradients on, the engine's transposed
+    views as inputs) and without autograd; the fused RMSNorm (no gradient recorded only) the engine's logits."""
     import paddle
     from paddleformers.transformers.ernie4_5 import modeling as ernie
     from paddleformers.transformers.llama import modeling as llama
@@ -167,15 +168,32 @@ def test_the_inference_only_layers_give_the_engines_numbers(lm, tests):
 
     assert fast_cpu._inference  # LocalModel installed them
     rng = np.random.default_rng(0)
-    q, k = (paddle.to_tensor(rng.standard_normal(s).astype("float32")) for s in ([2, 4, 7, 16], [2, 2, 7, 16]))
+
+    def transposed(x):  # [batch, seq, heads, dim] projections seen as [batch, heads, seq, dim], as the engine does
+        return x.transpose([0, 2, 1, 3])
+
     cos, sin = (paddle.to_tensor(rng.standard_normal([2, 7, 16]).astype("float32")) for _ in range(2))
     for module in (ernie, llama):  # interleaved and half-split rotary layouts
-        own = module.apply_rotary_pos_emb(q, k, cos, sin)  # gradients on: the module's own function
+        own_fn = fast_cpu._original[module.__name__ + ".apply_rotary_pos_emb"]
+        assert module.apply_rotary_pos_emb is not own_fn  # patched in training too
+        q, k = (paddle.to_tensor(rng.standard_normal(s).astype("float32"), stop_gradient=False)
+                for s in ([2, 7, 4, 16], [2, 7, 2, 16]))
+        weights = [paddle.to_tensor(rng.standard_normal(transposed(t).shape).astype("float32")) for t in (q, k)]
+        results = []
+        for fn in (own_fn, module.apply_rotary_pos_emb):
+            out = fn(transposed(q), transposed(k), cos, sin)
+            sum((o * w).sum() for o, w in zip(out, weights)).backward()
+            results.append([t.numpy() for t in out] + [q.grad.numpy(), k.grad.numpy()])
+            q.clear_gradient()
+            k.clear_gradient()
+        for a, b in zip(*results):  # outputs and gradients: equal bit for bit
+            assert np.array_equal(a, b)
+        assert np.abs(results[1][2]).sum() > 0  # a real gradient
         with paddle.no_grad():
-            fast = module.apply_rotary_pos_emb(q, k, cos, sin)
-            again = module.apply_rotary_pos_emb(q * 2, k, cos, sin)  # same pass (same cos): expansion reused
-        for a, b in zip(own, fast):
-            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-6)
+            fast = module.apply_rotary_pos_emb(transposed(q), transposed(k), cos, sin)
+            again = module.apply_rotary_pos_emb(transposed(q) * 2, transposed(k), cos, sin)  # same pass (same cos): expansion reused
+        for a, b in zip(results[0][:2], fast):
+            assert np.array_equal(a, b.numpy())
         np.testing.assert_allclose(again[0].numpy(), 2 * fast[0].numpy(), rtol=1e-5, atol=1e-5)
     ids = paddle.to_tensor([prompt_ids(lm.tokenizer, tests[0]["messages"])])
     engine_logits = lm.model(input_ids=ids)
