@@ -174,7 +174,11 @@ def peer(python, model_dir, pairs, mode, tr, steps, threads, work):
         "lora_rank": int(tr["lora_rank"]), "lora_alpha": 2 * int(tr["lora_rank"]), "lora_targets": LORA_TARGETS,
         "precompute_ref": tr["reference_once"]}))
     start = time.time()
-    r = subprocess.run([python, str(ROOT / "benchmarks/peer_trl.py"), str(spec)], capture_output=True, text=True)
+    # the allocator settings this project's processes give themselves (runtime._keep_freed_memory: freed memory kept,
+    # not faulted in again), for torch too, through glibc's environment variables: the same conditions on both sides
+    env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+    r = subprocess.run([python, str(ROOT / "benchmarks/peer_trl.py"), str(spec)], capture_output=True, text=True,
+                       env=env)
     (work / "train.log").write_text(r.stderr + r.stdout)  # stdout: TRL's per-step metrics, then the figures
     if r.returncode != 0:
         raise RuntimeError(f"TRL peer failed:\n{r.stderr[-3000:]}")
