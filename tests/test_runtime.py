@@ -10,9 +10,8 @@ from conftest import ROOT
 
 # Allocate, write and free a 64 MB buffer ten times; print the page faults of the last nine rounds.
 FAULTS = textwrap.dedent("""
-    import resource, sys
-    sys.path.insert(0, sys.argv[1])
-    from ernie_dpo import runtime
+    import resource
+    from ernie_dpo import runtime  # this checkout's: the process starts in the repository root
     print(runtime._keep_freed_memory())
     for i in range(10):
         if i == 1:
@@ -26,7 +25,7 @@ FAULTS = textwrap.dedent("""
 def _faults(env_extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.update(env_extra)
-    out = subprocess.run([sys.executable, "-c", FAULTS, str(ROOT)], capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, "-c", FAULTS], cwd=ROOT, capture_output=True, text=True, env=env,
                          check=True).stdout.split()
     return out[0] == "True", int(out[1])
 
