@@ -17,13 +17,14 @@ def _amd_cpu_with_avx2():
 
 
 def _keep_freed_memory():
-    """glibc's malloc hands every block over 128 KB-32 MB to the kernel when it is freed and maps fresh zeroed pages
-    for the next one, so a process that frees and reallocates the same large tensors at every step (training, a
-    forward pass per decode step) pays a page fault per 4 KB, again and again. Here freed memory stays in the
-    process for the next tensor: no mmap per block (M_MMAP_MAX 0) and no returning the heap's free top
-    (M_TRIM_THRESHOLD). The arithmetic is untouched (the same losses and replies, bit for bit); measured on the smol
-    profile, 2 cores: 8 training steps after the reference pass 200 -> 165 s, 16.6 -> 2.2 million page faults,
-    peak memory +6%; docs/benchmarks.md. Linux with glibc only; a MALLOC_* setting of the user's own wins."""
+    """glibc's malloc returns each block above its mmap threshold (128 KB, rising to 32 MB at most) to the kernel
+    when it is freed and maps fresh zeroed pages for the next one, so a process that frees and reallocates the same
+    large tensors at every step (training, a forward pass per decode step) pays a page fault per 4 KB, again and
+    again. Here freed memory stays in the process for the next tensor: no mmap per block (M_MMAP_MAX 0) and no
+    returning the heap's free top (M_TRIM_THRESHOLD). The arithmetic is untouched (the same losses and replies, bit
+    for bit); measured on the smol profile, 2 cores: its reference pass and first 8 training steps 200 -> 165 s,
+    16.6 -> 2.2 million page faults, peak memory +6%; docs/benchmarks.md. Linux with glibc only; a MALLOC_* setting
+    of the user's own wins."""
     if any(k.startswith("MALLOC_") for k in os.environ):
         return False
     import ctypes
