@@ -191,7 +191,8 @@ def test_the_cpu_layers_give_the_engines_numbers(lm, tests):
         assert np.abs(results[1][2]).sum() > 0  # a real gradient
         with paddle.no_grad():
             fast = module.apply_rotary_pos_emb(transposed(q), transposed(k), cos, sin)
-            again = module.apply_rotary_pos_emb(transposed(q) * 2, transposed(k), cos, sin)  # same pass (same cos): expansion reused
+            # the same pass (the same cos): the expansion is reused
+            again = module.apply_rotary_pos_emb(transposed(q) * 2, transposed(k), cos, sin)
         for a, b in zip(results[0][:2], fast):
             assert np.array_equal(a, b.numpy())
         np.testing.assert_allclose(again[0].numpy(), 2 * fast[0].numpy(), rtol=1e-5, atol=1e-5)
